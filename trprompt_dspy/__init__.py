@@ -1,0 +1,39 @@
+"""trprompt_dspy: TRPrompt (query-aware prompt optimization from textual rewards) for DSPy.
+
+Public building blocks: the signatures (``GeneratePrompt``, ``CritiquePrompt``,
+``SolveWithPrompt``), the modules (``QueryAwarePrompter``, ``TextualCritic``, ``Solver``,
+``TRPromptProgram``), datasets (``trprompt_dspy.data``) and answer checking
+(``trprompt_dspy.metrics``).
+"""
+
+import os
+
+# litellm (imported by dspy) fetches its model cost map from the network on import and waits
+# ~6 s where there is none; the copy bundled with litellm is enough for us. Set it to "False"
+# before importing this package to keep litellm's default.
+os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+
+from .evaluation import EvaluationReport, evaluate  # noqa: E402
+from .modules import (  # noqa: E402
+    PromptGenerator,
+    QueryAwarePrompter,
+    Solver,
+    TextualCritic,
+    TRPromptProgram,
+)
+from .signatures import CritiquePrompt, GeneratePrompt, SolveWithPrompt  # noqa: E402
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CritiquePrompt",
+    "EvaluationReport",
+    "GeneratePrompt",
+    "PromptGenerator",
+    "QueryAwarePrompter",
+    "Solver",
+    "SolveWithPrompt",
+    "TextualCritic",
+    "TRPromptProgram",
+    "evaluate",
+]

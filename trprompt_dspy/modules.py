@@ -1,0 +1,194 @@
+"""DSPy modules of TRPrompt: the query-aware prompter, the textual critic, the solver, and the
+default program (prompter + solver) that ``TRPromptTeleprompter`` compiles.
+
+Each module works on its own with any ``dspy.LM`` (``module.set_lm(lm)`` or the ``lm=`` argument),
+so the prompter, the target (solver) and the critic can be three different models.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import dspy
+
+from .prompts import INITIAL_REWARD
+from .signatures import CritiquePrompt, GeneratePrompt, SolveWithPrompt
+
+logger = logging.getLogger(__name__)
+
+#: File name of a program's state inside a saved program folder.
+PROGRAM_STATE_FILE = "program.json"
+
+
+class PromptGenerator(dspy.Predict):
+    """The prompter's predictor: a ``dspy.Predict`` over ``GeneratePrompt`` that carries the
+    current textual reward as part of its saved state.
+
+    Keeping the reward inside the predictor (a DSPy ``Parameter``) means it is saved and loaded
+    by ``save``/``load`` of *any* program that contains the prompter, not only of
+    ``QueryAwarePrompter`` itself.
+    """
+
+    def __init__(self, signature: Any = GeneratePrompt, reward: str = INITIAL_REWARD, **config: Any):
+        super().__init__(signature, **config)
+        self.reward = _check_reward(reward)
+
+    def forward(self, **kwargs: Any) -> dspy.Prediction:
+        if kwargs.get("textual_reward") is None:
+            kwargs["textual_reward"] = self.reward
+        return super().forward(**kwargs)
+
+    async def aforward(self, **kwargs: Any) -> dspy.Prediction:
+        if kwargs.get("textual_reward") is None:
+            kwargs["textual_reward"] = self.reward
+        return await super().aforward(**kwargs)
+
+    def dump_state(self, json_mode: bool = True) -> dict:
+        state = super().dump_state(json_mode=json_mode)
+        state["reward"] = self.reward
+        return state
+
+    def load_state(self, state: dict, *, allow_unsafe_lm_state: bool = False) -> "PromptGenerator":
+        reward = state.get("reward", self.reward)
+        _check_reward(reward)
+        super().load_state(state, allow_unsafe_lm_state=allow_unsafe_lm_state)
+        self.reward = reward
+        return self
+
+
+def _check_reward(reward: Any) -> str:
+    if not isinstance(reward, str) or not reward.strip():
+        raise ValueError(f"the textual reward must be a non-empty string, got {reward!r}")
+    return reward
+
+
+class QueryAwarePrompter(dspy.Module):
+    """Writes a prompt for each question, conditioned on a textual reward.
+
+    The reward is module state (``prompter.reward``): a pipeline calls ``prompter(question=...)``
+    and gets ``Prediction(prompt=...)``. TRPrompt sets the reward to the optimal textual reward t*
+    it found; ``textual_reward=`` overrides it for one call (used in training rollouts).
+
+    Args:
+        reward: the textual reward to condition on (default: ``prompts.INITIAL_REWARD``).
+        lm: the LM that writes prompts (default: the LM configured with ``dspy.configure``).
+        signature: a signature with inputs ``question``, ``textual_reward`` and output ``prompt``.
+        **config: LM settings for the predictor (e.g. ``temperature``, ``max_tokens``).
+    """
+
+    def __init__(
+        self,
+        reward: str = INITIAL_REWARD,
+        *,
+        lm: dspy.BaseLM | None = None,
+        signature: Any = GeneratePrompt,
+        **config: Any,
+    ):
+        super().__init__()
+        self.generate = PromptGenerator(signature, reward=reward, **config)
+        if lm is not None:
+            self.generate.lm = lm
+
+    @property
+    def reward(self) -> str:
+        """The textual reward every call is conditioned on (saved with the program)."""
+        return self.generate.reward
+
+    @reward.setter
+    def reward(self, value: str) -> None:
+        self.generate.reward = _check_reward(value)
+
+    def forward(self, question: str, textual_reward: str | None = None, **kwargs: Any) -> dspy.Prediction:
+        return self.generate(question=question, textual_reward=textual_reward, **kwargs)
+
+
+class TextualCritic(dspy.Module):
+    """The textual reward model: reads a question, the prompt, the solver's output, the reference
+    answer and its correctness, and writes a critique of the PROMPT in natural language.
+
+    Args:
+        lm: the critic LM (default: the configured LM).
+        signature: a signature shaped like ``CritiquePrompt``.
+        **config: LM settings for the predictor.
+    """
+
+    def __init__(self, *, lm: dspy.BaseLM | None = None, signature: Any = CritiquePrompt, **config: Any):
+        super().__init__()
+        self.critique = dspy.Predict(signature, **config)
+        if lm is not None:
+            self.critique.lm = lm
+
+    def forward(
+        self,
+        question: str,
+        prompt: str,
+        solver_reasoning: str,
+        solver_answer: str,
+        reference_answer: str,
+        is_correct: bool,
+        **kwargs: Any,
+    ) -> dspy.Prediction:
+        return self.critique(
+            question=question,
+            prompt=prompt,
+            solver_reasoning=solver_reasoning or "",
+            solver_answer=solver_answer or "",
+            reference_answer=reference_answer,
+            is_correct=bool(is_correct),
+            **kwargs,
+        )
+
+
+class Solver(dspy.Module):
+    """The target: answers a question following a prompt, giving ``reasoning`` and ``answer``.
+
+    Args:
+        lm: the target LM (default: the configured LM).
+        signature: a signature shaped like ``SolveWithPrompt``.
+        **config: LM settings for the predictor.
+    """
+
+    def __init__(self, *, lm: dspy.BaseLM | None = None, signature: Any = SolveWithPrompt, **config: Any):
+        super().__init__()
+        self.solve = dspy.Predict(signature, **config)
+        if lm is not None:
+            self.solve.lm = lm
+
+    def forward(self, question: str, prompt: str = "", **kwargs: Any) -> dspy.Prediction:
+        return self.solve(question=question, prompt=prompt or "", **kwargs)
+
+
+class TRPromptProgram(dspy.Module):
+    """The default program TRPrompt compiles: the prompter writes a prompt for the question, the
+    solver answers with it. Returns ``Prediction(prompt, reasoning, answer)``.
+
+    ``save(folder)`` (a path without a suffix) writes the program state as JSON into the folder,
+    never a pickle; ``save("x.json")`` and ``load`` behave as in DSPy.
+    """
+
+    def __init__(self, prompter: QueryAwarePrompter | None = None, solver: Solver | None = None):
+        super().__init__()
+        self.prompter = prompter if prompter is not None else QueryAwarePrompter()
+        self.solver = solver if solver is not None else Solver()
+
+    def forward(self, question: str) -> dspy.Prediction:
+        prompt = self.prompter(question=question).prompt
+        solved = self.solver(question=question, prompt=prompt)
+        return dspy.Prediction(prompt=prompt, reasoning=solved.reasoning, answer=solved.answer)
+
+    def save(self, path: str | Path, save_program: bool = False, modules_to_serialize: Any = None) -> None:
+        path = Path(path)
+        if not save_program and not path.suffix:
+            path.mkdir(parents=True, exist_ok=True)
+            path = path / PROGRAM_STATE_FILE
+        super().save(path, save_program=save_program, modules_to_serialize=modules_to_serialize)
+
+    def load(self, path: str | Path, allow_pickle: bool = False, allow_unsafe_lm_state: bool = False) -> None:
+        path = Path(path)
+        if path.is_dir():
+            path = path / PROGRAM_STATE_FILE
+            if not path.is_file():
+                raise FileNotFoundError(f"{path.parent} holds no {PROGRAM_STATE_FILE}; is it a saved TRPrompt program?")
+        super().load(path, allow_pickle=allow_pickle, allow_unsafe_lm_state=allow_unsafe_lm_state)
