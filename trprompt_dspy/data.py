@@ -65,8 +65,9 @@ def _records_to_examples(
     answer_field: str,
     id_field: str | None,
     coerce_answers: bool,
+    skip_empty_answers: bool = False,
 ) -> list[dspy.Example]:
-    examples = []
+    examples, skipped = [], []
     for where, record in records:
         if not isinstance(record, dict):
             raise DataError(f"{where}: expected an object with fields, got {type(record).__name__}")
@@ -74,10 +75,15 @@ def _records_to_examples(
             if field not in record:
                 present = ", ".join(sorted(map(str, record))[:12])
                 raise DataError(f"{where}: missing field {field!r} (fields present: {present})")
+        if skip_empty_answers and isinstance(record[answer_field], str) and not record[answer_field].strip():
+            skipped.append(where)
+            continue
         ex_id = str(record[id_field]) if id_field and record.get(id_field) is not None else f"{source}-{len(examples)}"
         examples.append(
             _make_example(record[question_field], record[answer_field], id=ex_id, where=where, coerce_answer=coerce_answers)
         )
+    if skipped:
+        logger.warning("%s: skipped %d rows with an empty answer (first: %s)", source, len(skipped), skipped[0])
     if not examples:
         raise DataError(f"{source}: no examples (the dataset is empty)")
     return examples
@@ -93,8 +99,14 @@ def load_jsonl(
     id_field: str | None = "id",
     coerce_answers: bool = False,
     limit: int | None = None,
+    skip_empty_answers: bool = False,
 ) -> list[dspy.Example]:
-    """Load a JSONL file (one object per line) with named question/answer fields."""
+    """Load a JSONL file (one object per line) with named question/answer fields.
+
+    Any bad row raises ``DataError`` naming the file, line and field. ``coerce_answers`` accepts
+    numeric answers (turned into strings); ``skip_empty_answers`` drops rows whose answer is an
+    empty string, with a warning, instead of raising.
+    """
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such file")
@@ -113,7 +125,7 @@ def load_jsonl(
 
     return _records_to_examples(
         records(), source=str(path), question_field=question_field, answer_field=answer_field,
-        id_field=id_field, coerce_answers=coerce_answers,
+        id_field=id_field, coerce_answers=coerce_answers, skip_empty_answers=skip_empty_answers,
     )
 
 
@@ -236,6 +248,9 @@ def load_dataset(
         data_dir: a local folder laid out like ``../shared/data``; default ``$TRPROMPT_DATA_DIR``;
             when neither is set the dataset comes from the hub by its public name.
         limit: keep the first ``limit`` examples (file order).
+
+    Rows with an empty gold answer (two MATH train solutions box nothing) are skipped with a
+    warning; any other bad row raises ``DataError``.
     """
     if name not in DATASETS:
         raise DataError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}")
@@ -250,7 +265,8 @@ def load_dataset(
             raise DataError(
                 f"{path}: no such file; {name} splits in {folder}: {', '.join(available) or 'none'}"
             )
-        return load_jsonl(path, limit=limit)
+        # MATH train has two solutions with an empty \boxed{} (upstream defect): skip, not fail
+        return load_jsonl(path, limit=limit, skip_empty_answers=True)
     return _load_from_hub(spec, split, limit)
 
 
@@ -270,6 +286,9 @@ def _load_from_hub(spec: DatasetSpec, split: str, limit: int | None) -> list[dsp
             ) from exc
         for i, row in enumerate(ds):
             where = f"{spec.hub_id}{'/' + config if config else ''}[{spec.hub_splits[split]}][{i}]"
+            if not str(spec.answer(row)).strip():
+                logger.warning("%s: skipped, empty answer", where)
+                continue
             examples.append(
                 _make_example(spec.question(row), spec.answer(row), id=f"{spec.name}-{split}-{len(examples)}",
                               where=where, coerce_answer=False)
