@@ -1,0 +1,7 @@
+"""``python -m trprompt_dspy`` runs the ``trprompt`` command."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())
