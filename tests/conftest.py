@@ -11,6 +11,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TEXTGRAD_DISABLE_LOGGING", "1")
 
+# One tiny model and one vLLM server for the whole session (see serving_fixtures.py).
+from serving_fixtures import tiny_lora_adapters, tiny_model_dir, vllm_server  # noqa: E402,F401
+
 REPO = Path(__file__).resolve().parent.parent
 SHARED_DATA = Path(os.environ.get("TRPROMPT_TEST_DATA_DIR", REPO.parent / "shared" / "data"))
 

