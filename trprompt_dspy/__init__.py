@@ -2,8 +2,8 @@
 
 Public building blocks: the signatures (``GeneratePrompt``, ``CritiquePrompt``,
 ``SolveWithPrompt``), the modules (``QueryAwarePrompter``, ``TextualCritic``, ``Solver``,
-``TRPromptProgram``), datasets (``trprompt_dspy.data``) and answer checking
-(``trprompt_dspy.metrics``).
+``TRPromptProgram``), datasets (``trprompt_dspy.data``), answer checking
+(``trprompt_dspy.metrics``) and local serving (``VLLMServer``, ``StructuredLM``).
 """
 
 import os
@@ -21,7 +21,9 @@ from .modules import (  # noqa: E402
     TextualCritic,
     TRPromptProgram,
 )
+from .serving import ServerConfig, VLLMServer  # noqa: E402
 from .signatures import CritiquePrompt, GeneratePrompt, SolveWithPrompt  # noqa: E402
+from .structured import StructuredLM  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -31,9 +33,12 @@ __all__ = [
     "GeneratePrompt",
     "PromptGenerator",
     "QueryAwarePrompter",
+    "ServerConfig",
     "Solver",
     "SolveWithPrompt",
+    "StructuredLM",
     "TextualCritic",
     "TRPromptProgram",
+    "VLLMServer",
     "evaluate",
 ]

@@ -88,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--n", type=int, default=20, help="number of test questions")
     demo.add_argument("--data-dir", default=None, help="local data folder (default: $TRPROMPT_DATA_DIR, else the hub)")
     demo.add_argument("--model", default="default", help="'default', a model folder, a .gguf file or a hub id")
-    demo.add_argument("--max-tokens", type=int, default=256)
+    demo.add_argument("--max-tokens", type=int, default=384, help="token cap per reply (reasoning strings are capped at 300 characters)")
     demo.add_argument("--num-threads", type=int, default=16)
     demo.add_argument("--log-dir", default=None, help="run folder (default: runs/demo-<time>)")
     demo.set_defaults(func=_demo)
