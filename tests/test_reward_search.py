@@ -440,22 +440,10 @@ def test_proposals_are_made_concurrently():
 # ------------------------------------------------------------------------------ real vLLM server
 
 
-@pytest.fixture(scope="module")
-def server(request, tmp_path_factory):
-    """The suite's shared tiny-model server when conftest provides one, else this module's own."""
-    try:
-        yield request.getfixturevalue("vllm_server")
-        return
-    except pytest.FixtureLookupError:
-        pass
-    from trprompt_dspy.models import build_tiny_model
-    from trprompt_dspy.serving import VLLMServer
-
-    model = build_tiny_model(tmp_path_factory.mktemp("models") / "tiny-rs", seed=0)
-    with VLLMServer(model=str(model), served_model_name="tiny-rs", device="cpu", dtype="float32",
-                    enable_lora=False, max_model_len=4096, startup_timeout_s=300,
-                    log_path=tmp_path_factory.mktemp("logs") / "vllm.log") as started:
-        yield started
+@pytest.fixture
+def server(vllm_server):
+    """The suite's tiny-model server (tests/serving_fixtures.py)."""
+    return vllm_server
 
 
 def _tiny_lms(server):

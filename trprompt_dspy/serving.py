@@ -47,6 +47,10 @@ from typing import Any, Literal
 
 logger = logging.getLogger(__name__)
 
+#: Seconds an LM request to the local server may take (a 768-token reply at ~3 tok/s on two busy
+#: CPU cores takes ~4 minutes).
+DEFAULT_REQUEST_TIMEOUT_S = 600
+
 #: LoRA ranks vLLM accepts for ``--max-lora-rank``.
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 
@@ -695,8 +699,9 @@ class VLLMServer:
             name: adapter name, or None / the served model name for the base model.
             structured: return a :class:`trprompt_dspy.structured.StructuredLM`, which makes
                 vLLM enforce each signature's JSON schema (use with ``dspy.JSONAdapter``).
-            **kwargs: passed to ``dspy.LM`` (``max_tokens``, ``temperature``, ``cache``, ...);
-                with ``structured=True`` also ``max_string_length``.
+            **kwargs: passed to ``dspy.LM`` (``max_tokens``, ``temperature``, ``cache``,
+                ``timeout`` -- default :data:`DEFAULT_REQUEST_TIMEOUT_S` ...); with
+                ``structured=True`` also ``max_string_length``.
 
         Raises:
             AdapterError: ``name`` is neither the base model nor a loaded adapter.
@@ -712,6 +717,8 @@ class VLLMServer:
             )
         kwargs.setdefault("api_base", self.api_base)
         kwargs.setdefault("api_key", "local")
+        # litellm's own default waits 6000 s for a reply; a stuck request should fail sooner
+        kwargs.setdefault("timeout", DEFAULT_REQUEST_TIMEOUT_S)
         if structured:
             from trprompt_dspy.structured import StructuredLM
 
