@@ -21,24 +21,38 @@ from .modules import (  # noqa: E402
     TextualCritic,
     TRPromptProgram,
 )
+from .finetune import FinetuneConfig, RolloutRecord, finetune_prompter  # noqa: E402
+from .reward_search import RewardSearchConfig, RewardSearchResult, search_reward  # noqa: E402
+from .rollout import RolloutConfig, run_rollout  # noqa: E402
 from .serving import ServerConfig, VLLMServer  # noqa: E402
 from .signatures import CritiquePrompt, GeneratePrompt, SolveWithPrompt  # noqa: E402
 from .structured import StructuredLM  # noqa: E402
+from .teleprompter import TRPromptConfig, TRPromptTeleprompter  # noqa: E402
 
 __version__ = "0.1.0"
 
 __all__ = [
     "CritiquePrompt",
     "EvaluationReport",
+    "FinetuneConfig",
     "GeneratePrompt",
     "PromptGenerator",
     "QueryAwarePrompter",
+    "RewardSearchConfig",
+    "RewardSearchResult",
+    "RolloutConfig",
+    "RolloutRecord",
     "ServerConfig",
     "Solver",
     "SolveWithPrompt",
     "StructuredLM",
     "TextualCritic",
+    "TRPromptConfig",
     "TRPromptProgram",
+    "TRPromptTeleprompter",
     "VLLMServer",
     "evaluate",
+    "finetune_prompter",
+    "run_rollout",
+    "search_reward",
 ]
