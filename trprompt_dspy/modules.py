@@ -34,6 +34,9 @@ class PromptGenerator(dspy.Predict):
     def __init__(self, signature: Any = GeneratePrompt, reward: str = INITIAL_REWARD, **config: Any):
         super().__init__(signature, **config)
         self.reward = _check_reward(reward)
+        #: the LoRA adapter this predictor was trained into (``{"name", "path", "base_model"}``),
+        #: None before training; kept in the saved state so a loaded program can be served again
+        self.adapter: dict[str, str] | None = None
 
     def forward(self, **kwargs: Any) -> dspy.Prediction:
         if kwargs.get("textual_reward") is None:
@@ -48,13 +51,16 @@ class PromptGenerator(dspy.Predict):
     def dump_state(self, json_mode: bool = True) -> dict:
         state = super().dump_state(json_mode=json_mode)
         state["reward"] = self.reward
+        state["adapter"] = dict(self.adapter) if self.adapter else None
         return state
 
     def load_state(self, state: dict, *, allow_unsafe_lm_state: bool = False) -> "PromptGenerator":
         reward = state.get("reward", self.reward)
         _check_reward(reward)
+        adapter = _check_adapter(state.get("adapter"))
         super().load_state(state, allow_unsafe_lm_state=allow_unsafe_lm_state)
         self.reward = reward
+        self.adapter = adapter
         return self
 
 
@@ -62,6 +68,15 @@ def _check_reward(reward: Any) -> str:
     if not isinstance(reward, str) or not reward.strip():
         raise ValueError(f"the textual reward must be a non-empty string, got {reward!r}")
     return reward
+
+
+def _check_adapter(adapter: Any) -> dict[str, str] | None:
+    if adapter is None:
+        return None
+    if not (isinstance(adapter, dict) and {"name", "path", "base_model"} <= adapter.keys()
+            and all(isinstance(adapter[k], str) and adapter[k] for k in ("name", "path", "base_model"))):
+        raise ValueError(f"adapter state must be a dict with string name, path and base_model, got {adapter!r}")
+    return {k: adapter[k] for k in ("name", "path", "base_model")}
 
 
 class QueryAwarePrompter(dspy.Module):
@@ -99,6 +114,15 @@ class QueryAwarePrompter(dspy.Module):
     @reward.setter
     def reward(self, value: str) -> None:
         self.generate.reward = _check_reward(value)
+
+    @property
+    def adapter(self) -> dict[str, str] | None:
+        """The LoRA adapter of a compiled prompter (``{"name", "path", "base_model"}``) or None."""
+        return self.generate.adapter
+
+    @adapter.setter
+    def adapter(self, value: dict[str, str] | None) -> None:
+        self.generate.adapter = _check_adapter(value)
 
     def forward(self, question: str, textual_reward: str | None = None, **kwargs: Any) -> dspy.Prediction:
         return self.generate(question=question, textual_reward=textual_reward, **kwargs)
@@ -164,8 +188,9 @@ class TRPromptProgram(dspy.Module):
     """The default program TRPrompt compiles: the prompter writes a prompt for the question, the
     solver answers with it. Returns ``Prediction(prompt, reasoning, answer)``.
 
-    ``save(folder)`` (a path without a suffix) writes the program state as JSON into the folder,
-    never a pickle; ``save("x.json")`` and ``load`` behave as in DSPy.
+    ``save(folder)`` (a path without a suffix) writes the program state as JSON, the prompter's
+    LoRA adapter and a manifest into the folder (``trprompt_dspy.compiled``), never a pickle;
+    ``load(folder)`` restores them. ``save("x.json")``/``load("x.json")`` behave as in DSPy.
     """
 
     def __init__(self, prompter: QueryAwarePrompter | None = None, solver: Solver | None = None):
@@ -181,14 +206,17 @@ class TRPromptProgram(dspy.Module):
     def save(self, path: str | Path, save_program: bool = False, modules_to_serialize: Any = None) -> None:
         path = Path(path)
         if not save_program and not path.suffix:
-            path.mkdir(parents=True, exist_ok=True)
-            path = path / PROGRAM_STATE_FILE
+            from .compiled import save_compiled
+
+            save_compiled(self, path)  # JSON state + the prompter's adapter + a manifest
+            return
         super().save(path, save_program=save_program, modules_to_serialize=modules_to_serialize)
 
     def load(self, path: str | Path, allow_pickle: bool = False, allow_unsafe_lm_state: bool = False) -> None:
         path = Path(path)
         if path.is_dir():
-            path = path / PROGRAM_STATE_FILE
-            if not path.is_file():
-                raise FileNotFoundError(f"{path.parent} holds no {PROGRAM_STATE_FILE}; is it a saved TRPrompt program?")
+            from .compiled import load_compiled
+
+            load_compiled(self, path, allow_unsafe_lm_state=allow_unsafe_lm_state)
+            return
         super().load(path, allow_pickle=allow_pickle, allow_unsafe_lm_state=allow_unsafe_lm_state)

@@ -1,0 +1,92 @@
+"""A TRPrompt compile on the embedded default model (SmolLM2-135M-Instruct) on this machine.
+
+2 rounds on 32 GSM8K training questions, validation on 50 GSM8K test questions (issue 6). Writes
+the run folder (report.json, report.png) and ``benchmarks/results/compile_default.json`` with the
+per-round figures, the orchestration overhead (wall time outside LM calls, training and server
+start) and, with ``--warm-rerun``, the LM calls of a second identical compile with DSPy's cache on.
+
+    python benchmarks/compile_default.py --data-dir ../shared/data
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TEXTGRAD_DISABLE_LOGGING", "1")
+
+
+def lm_seconds(lms) -> float:
+    """Seconds spent inside LM calls, from the LMs' histories (response latency is not recorded
+    by DSPy, so this times calls with a wrapper instead; see ``TimedCalls``)."""
+    return sum(getattr(lm, "_trprompt_seconds", 0.0) for lm in lms)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data-dir", default=os.environ.get("TRPROMPT_DATA_DIR", "../shared/data"))
+    parser.add_argument("--train", type=int, default=32)
+    parser.add_argument("--val", type=int, default=50)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--log-dir", default="runs/bench-compile-default")
+    parser.add_argument("--warm-rerun", action="store_true", help="compile again with the cache warm and count LM calls")
+    parser.add_argument("--out", default="benchmarks/results/compile_default.json")
+    args = parser.parse_args()
+
+    import dspy
+
+    import trprompt_dspy as t
+    from trprompt_dspy.data import load_dataset
+    from trprompt_dspy.finetune import FinetuneConfig
+    from trprompt_dspy.metrics import gsm8k_metric
+    from trprompt_dspy.reward_search import RewardSearchConfig
+    from trprompt_dspy.rollout import RolloutConfig
+    from trprompt_dspy.teleprompter import TRPromptConfig, TRPromptTeleprompter
+
+    train = load_dataset("gsm8k", "train", data_dir=args.data_dir, limit=args.train)
+    val = load_dataset("gsm8k", "test", data_dir=args.data_dir, limit=args.val)
+    config = TRPromptConfig(
+        rounds=args.rounds,
+        rollout=RolloutConfig(n_samples=4, temperature=1.0, num_threads=32),
+        finetune=FinetuneConfig(num_epochs=1.0, per_device_batch_size=8, max_length=1024),
+        search=RewardSearchConfig(steps=3, num_candidates=4, minibatch_size=16, num_threads=32),
+        val_num_threads=32,
+    )
+    shutil.rmtree(args.log_dir, ignore_errors=True)
+    t0 = time.perf_counter()
+    server = t.VLLMServer(model="default").start()
+    server_s = time.perf_counter() - t0
+    results = {"machine": os.uname().nodename, "cpus": os.cpu_count(), "model": "SmolLM2-135M-Instruct (embedded)",
+               "train": len(train), "val": len(val), "server_start_s": round(server_s, 1)}
+    with server:
+        tele = TRPromptTeleprompter(server=server, metric=gsm8k_metric, config=config, log_dir=args.log_dir)
+        start = time.perf_counter()
+        tele.compile(t.TRPromptProgram(), trainset=train, valset=val)
+        results["compile_wall_s"] = round(time.perf_counter() - start, 1)
+        report = json.loads(Path(args.log_dir, "report.json").read_text())
+        results["report"] = report
+        if args.warm_rerun:
+            rerun_dir = args.log_dir + "-rerun"
+            shutil.rmtree(rerun_dir, ignore_errors=True)
+            tele2 = TRPromptTeleprompter(server=server, metric=gsm8k_metric, config=config, log_dir=rerun_dir)
+            tele2.compile(t.TRPromptProgram(), trainset=train, valset=val)
+            rerun = json.loads(Path(rerun_dir, "report.json").read_text())
+            results["warm_rerun_rollout_calls"] = {
+                r["round"]: sum(m["calls"] for m in r["usage"]["rollout"].values()) for r in rerun["rounds"]
+            }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(results, indent=2, default=str))
+    for row in report["rounds"]:
+        print(f"round {row['round']}: val {row.get('validation', {}).get('accuracy')} rollout acc {row['rollout']['accuracy']:.3f} "
+              + " ".join(f"{s}={row[s].get('seconds')}s" for s in ("rollout", "finetune", "reward_search", "validation") if s in row))
+    print(json.dumps({k: v for k, v in results.items() if k != "report"}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,193 @@
+"""TRPromptTeleprompter end to end on the tiny model through the real stack: vLLM server, trl
+SFT, TextGrad search; the compiled program saved, loaded in a new process and run."""
+
+import dataclasses
+import json
+import subprocess
+import sys
+import textwrap
+
+import dspy
+import pytest
+
+import trprompt_dspy as t
+from trprompt_dspy.data import load_dataset
+from trprompt_dspy.finetune import FinetuneConfig
+from trprompt_dspy.metrics import gsm8k_metric
+from trprompt_dspy.reward_search import RewardSearchConfig
+from trprompt_dspy.rollout import RolloutConfig
+from trprompt_dspy.runs import read_jsonl
+from trprompt_dspy.teleprompter import TRPromptConfig, TRPromptTeleprompter, rebalance_records
+
+
+def tiny_config(**overrides) -> TRPromptConfig:
+    """The smallest sizes that exercise every stage."""
+    fields = dict(
+        rounds=2,
+        rollout=RolloutConfig(n_samples=2, temperature=1.0, num_threads=8),
+        finetune=FinetuneConfig(max_steps=2, per_device_batch_size=4, max_length=2048, lora_r=8, lora_alpha=16),
+        # bounds that let the tiny model close its <IMPROVED_VARIABLE> tag (see test_reward_search)
+        search=RewardSearchConfig(steps=1, num_candidates=2, minibatch_size=2, num_threads=8, patience=None,
+                                  max_reward_chars=200, regex_preamble_chars=40, proposal_max_tokens=400,
+                                  feedback_max_tokens=64, max_results_chars=1500, max_field_chars=100),
+        val_num_threads=8,
+        progress=False,
+    )
+    fields.update(overrides)
+    return TRPromptConfig(**fields)
+
+
+def _tele(server, log_dir, **overrides):
+    return TRPromptTeleprompter(
+        server=server, metric=gsm8k_metric, config=tiny_config(**overrides), log_dir=log_dir,
+        lm_kwargs={"max_tokens": 96, "max_string_length": 120, "cache": False},
+    )
+
+
+@pytest.fixture
+def clean_server(vllm_server):
+    yield vllm_server
+    for name in list(vllm_server.adapters):
+        vllm_server.unload_adapter(name)
+
+
+def test_compile_two_rounds_save_load_in_a_new_process(clean_server, shared_data_dir, tmp_path):
+    train = load_dataset("gsm8k", "train", data_dir=shared_data_dir, limit=4)
+    val = load_dataset("gsm8k", "test", data_dir=shared_data_dir, limit=3)
+    student = t.TRPromptProgram()
+    log_dir = tmp_path / "run"
+    compiled = _tele(clean_server, log_dir).compile(student, trainset=train, valset=val)
+
+    # the student is untouched; the compiled copy carries t* and its adapter
+    assert student.prompter.adapter is None and student.prompter.generate.lm is None
+    assert compiled.prompter.adapter["name"].startswith("prompter-r2-")
+    assert compiled.prompter.generate.lm.model == f"hosted_vllm/{compiled.prompter.adapter['name']}"
+
+    report = json.loads((log_dir / "report.json").read_text())
+    assert [r["round"] for r in report["rounds"]] == [1, 2]
+    assert "initial_validation" in report
+    for row in report["rounds"]:
+        assert row["rollout"]["records"] == 8  # 4 questions x 2 samples
+        assert row["finetune"]["steps"] == 2
+        assert row["validation"]["n"] == 3
+        assert row["usage"]["rollout"], "rollout LM calls were counted"
+    assert report["final_reward"] == compiled.prompter.reward
+    assert 0 < report["lm_busy_s"] < report["wall_s"] and report["training_s"] > 0
+    assert (log_dir / "report.png").stat().st_size > 1000
+    assert len(read_jsonl(log_dir / "round_1" / "records.jsonl")) == 8
+    assert (log_dir / "round_2" / "adapter" / "adapter_model.safetensors").is_file()
+    assert (log_dir / "round_1" / "reward_search" / "reward_search.json").is_file()
+
+    out = tmp_path / "compiled"
+    compiled.save(out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["prompters"]["prompter.generate"]["reward"] == compiled.prompter.reward
+    files = sorted(p.name for p in (out / "adapters").rglob("*") if p.is_file())
+    assert "adapter_model.safetensors" in files and all(f.endswith((".safetensors", ".json")) for f in files)
+
+    # a fresh process loads the folder, serves the adapter on a server it starts, and runs a
+    # different pipeline around the loaded prompter
+    script = textwrap.dedent(f"""
+        import dspy, trprompt_dspy as t
+        from trprompt_dspy.compiled import load_compiled, serve_prompters
+
+        class VerifiedSolve(dspy.Module):
+            def __init__(self):
+                super().__init__()
+                self.prompter = t.QueryAwarePrompter()
+                self.solve = dspy.ChainOfThought("question, prompt -> answer")
+                self.check = dspy.Predict("question, answer -> is_plausible: bool")
+            def forward(self, question):
+                prompt = self.prompter(question=question).prompt
+                answer = self.solve(question=question, prompt=prompt).answer
+                return dspy.Prediction(prompt=prompt, answer=answer, ok=self.check(question=question, answer=answer).is_plausible)
+
+        loaded = t.TRPromptProgram()
+        load_compiled(loaded, {str(out)!r})
+        pipeline = VerifiedSolve()
+        pipeline.prompter = loaded.prompter
+        server = serve_prompters(pipeline, t.VLLMServer(model={clean_server.model_path!r}, served_model_name="base",
+                                 dtype="float32", max_lora_rank=8, max_loras=3).start(),
+                                 max_tokens=64, max_string_length=80, cache=False)
+        with server, dspy.context(lm=server.lm(structured=True, max_tokens=64, max_string_length=80),
+                                  adapter=dspy.JSONAdapter()):
+            out = pipeline(question="Tom has 3 apples and buys 2 more. How many apples does he have?")
+        print("REWARD", loaded.prompter.reward == {compiled.prompter.reward!r})
+        print("PROMPT", type(out.prompt).__name__, "OK", type(out.ok).__name__)
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "REWARD True" in proc.stdout and "PROMPT str OK bool" in proc.stdout, proc.stdout
+
+
+def test_rebalance_keeps_as_many_wrong_as_right_records():
+    from trprompt_dspy.finetune import RolloutRecord
+
+    records = [RolloutRecord(question=f"q{i}", prompt="p", critique="c", correct=i < 6) for i in range(8)]
+    balanced = rebalance_records(records, seed=0)
+    assert sum(r.correct for r in balanced) == 2 and sum(not r.correct for r in balanced) == 2
+    assert rebalance_records(records[:6]) == records[:6]  # nothing to balance against
+
+
+def test_bad_compile_arguments(vllm_server, tmp_path):
+    tele = _tele(vllm_server, tmp_path / "run")
+    ex = [dspy.Example(id="a", question="q", answer="1").with_inputs("question")]
+    with pytest.raises(ValueError, match="trainset is empty"):
+        tele.compile(t.TRPromptProgram(), trainset=[])
+    with pytest.raises(ValueError, match="reward search needs at least"):
+        tele.compile(t.TRPromptProgram(), trainset=ex)
+    with pytest.raises(ValueError, match="exactly one QueryAwarePrompter"):
+        tele.compile(t.Solver(), trainset=ex * 3)
+    with pytest.raises(ValueError, match="rounds must be"):
+        TRPromptConfig(rounds=0)
+    with pytest.raises(ValueError, match="needs a running VLLMServer"):
+        TRPromptTeleprompter(server=None)
+
+
+def test_killed_compile_resumes_without_regenerating_records(clean_server, shared_data_dir, tmp_path):
+    log_dir = tmp_path / "run"
+    records = log_dir / "round_1" / "records.jsonl"
+    # the child compiles with ONE rollout thread (records arrive one by one) on its own server
+    script = textwrap.dedent(f"""
+        import sys
+        sys.path.insert(0, {str(__import__("pathlib").Path(__file__).parent)!r})
+        import dataclasses, trprompt_dspy as t
+        from trprompt_dspy.data import load_dataset
+        from test_teleprompter import _tele
+        server = t.VLLMServer(model={clean_server.model_path!r}, served_model_name="base", dtype="float32",
+                              max_lora_rank=8, max_loras=3).start()
+        train = load_dataset("gsm8k", "train", data_dir={str(shared_data_dir)!r}, limit=4)
+        tele = _tele(server, {str(log_dir)!r})
+        tele.config.rollout = dataclasses.replace(tele.config.rollout, num_threads=1)
+        tele.compile(t.TRPromptProgram(), trainset=train)
+    """)
+    child = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = __import__("time").monotonic() + 240
+        while __import__("time").monotonic() < deadline:
+            if records.is_file() and len(read_jsonl(records)) >= 3:
+                break
+            assert child.poll() is None, child.stderr.read()[-3000:]
+            __import__("time").sleep(0.2)
+        child.kill()  # SIGKILL mid-rollout: no chance to clean up
+    finally:
+        child.wait(timeout=60)
+    before = read_jsonl(records)
+    assert 3 <= len(before) < 8, len(before)
+
+    tele = _tele(clean_server, log_dir)
+    tele.config.rollout = dataclasses.replace(tele.config.rollout, num_threads=1)
+    train = load_dataset("gsm8k", "train", data_dir=shared_data_dir, limit=4)
+    compiled = tele.compile(t.TRPromptProgram(), trainset=train)
+
+    after = read_jsonl(records)
+    assert len(after) == 8
+    # the records written before the kill are kept as they were, not generated again
+    assert after[: len(before)] == before
+    key = lambda r: (r["example_id"], r["extra"]["sample"])  # noqa: E731
+    assert len({key(r) for r in after}) == 8
+    report = json.loads((log_dir / "report.json").read_text())
+    assert [r["round"] for r in report["rounds"]] == [1, 2]
+    assert report["rounds"][0]["rollout"]["resumed"] == len(before)
+    assert report["rounds"][0]["rollout"]["new"] == 8 - len(before)
+    assert compiled.prompter.adapter["name"].startswith("prompter-r2-")

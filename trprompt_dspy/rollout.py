@@ -1,0 +1,197 @@
+"""One rollout pass of TRPrompt: prompts -> answers -> scores -> critiques, in parallel.
+
+For every question the prompter samples ``n_samples`` prompts conditioned on the current reward
+text; the solver answers with each prompt, the metric scores the answer, and the critic writes
+a critique of the prompt. Each (question, prompt, critique, ...) becomes a ``RolloutRecord``:
+hindsight relabelling, where the critique is the reward the prompt is later trained under.
+
+Records are appended to a JSONL file as they complete, so a run killed mid-rollout loses only
+the requests in flight; passing the same file again skips the (question, sample) pairs it
+already holds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import dspy
+
+from .finetune import RolloutRecord
+from .modules import QueryAwarePrompter, Solver, TextualCritic
+from .parallel import run_parallel
+from .prompts import NUMERIC_REWARD_TEMPLATE
+from .runs import JsonlAppender, read_jsonl
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class RolloutConfig:
+    """Settings of one rollout pass.
+
+    Attributes:
+        n_samples: prompts sampled per question (the paper samples several per question so
+            that one question yields both good and bad prompts).
+        temperature: sampling temperature of the prompter (> 0, or all samples are equal).
+        num_threads: questions x samples processed concurrently; a local vLLM server batches
+            them, so this is what makes a rollout fast.
+        reward: ``"textual"`` (the critic writes a critique) or ``"numeric"`` (the paper's
+            numeric-reward ablation: the record's reward is the score, formatted with
+            ``prompts.NUMERIC_REWARD_TEMPLATE``, and the critic is not called).
+    """
+
+    n_samples: int = 4
+    temperature: float = 1.0
+    num_threads: int = 16
+    reward: str = "textual"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.n_samples, int) or self.n_samples < 1:
+            raise ValueError(f"n_samples must be a positive int, got {self.n_samples!r}")
+        if self.temperature <= 0 and self.n_samples > 1:
+            raise ValueError("temperature must be > 0 when n_samples > 1 (otherwise every sample is the same)")
+        if self.num_threads < 1:
+            raise ValueError(f"num_threads must be >= 1, got {self.num_threads}")
+        if self.reward not in ("textual", "numeric"):
+            raise ValueError(f"reward must be 'textual' or 'numeric', got {self.reward!r}")
+
+
+@dataclasses.dataclass
+class RolloutResult:
+    """Records of the pass (resumed ones first) and what failed."""
+
+    records: list[RolloutRecord]
+    n_new: int
+    n_resumed: int
+    n_failed: int
+    error_counts: dict[str, int]
+
+    @property
+    def accuracy(self) -> float:
+        """Share of records whose answer was correct (the prompter's training-time accuracy)."""
+        return sum(bool(r.correct) for r in self.records) / len(self.records) if self.records else 0.0
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "records": len(self.records), "new": self.n_new, "resumed": self.n_resumed,
+            "failed": self.n_failed, "errors": self.error_counts, "accuracy": self.accuracy,
+        }
+
+
+def numeric_reward(score: float) -> str:
+    """The reward text of the numeric-reward ablation for a score in [0, 1]."""
+    return NUMERIC_REWARD_TEMPLATE.format(score=float(score))
+
+
+def _score(metric: Callable[..., Any], example: dspy.Example, prediction: Any) -> float:
+    value = metric(example, prediction)
+    return float(value) if not isinstance(value, bool) else float(bool(value))
+
+
+def run_rollout(
+    prompter: QueryAwarePrompter,
+    solver: Solver,
+    critic: TextualCritic | None,
+    examples: Sequence[dspy.Example],
+    metric: Callable[..., Any],
+    *,
+    reward: str,
+    round_index: int = 0,
+    config: RolloutConfig | None = None,
+    records_path: str | os.PathLike | None = None,
+    progress: bool = True,
+) -> RolloutResult:
+    """Sample prompts for every example, solve, score and critique them.
+
+    Args:
+        prompter, solver, critic: the three roles (each may use its own LM). ``critic`` may be
+            None when ``config.reward == "numeric"``.
+        examples: questions with ``id``, ``question`` and ``answer``.
+        metric: DSPy metric ``metric(example, prediction) -> bool | float``.
+        reward: the reward text the prompter is conditioned on in this pass.
+        round_index: the TRPrompt round (part of each sample's DSPy ``rollout_id``, so DSPy's
+            cache returns a fresh sample per round and sample, and the same one on a re-run).
+        config: :class:`RolloutConfig`.
+        records_path: JSONL file to append records to as they complete; records already in it
+            (same example id and sample index) are kept and not regenerated.
+
+    Returns:
+        :class:`RolloutResult`. Items whose prompter or critic reply could not be used are
+        counted in ``n_failed``; a solver reply that does not parse is a wrong answer, and its
+        prompt still gets a critique (it earned one).
+    """
+    config = config or RolloutConfig()
+    if config.reward == "textual" and critic is None:
+        raise ValueError("a TextualCritic is needed when reward='textual'")
+    if not examples:
+        raise ValueError("run_rollout needs at least one example")
+    ids = [str(ex.get("id") or i) for i, ex in enumerate(examples)]
+    if len(set(ids)) != len(ids):
+        raise ValueError("examples must have distinct ids (records are matched to questions by id)")
+
+    resumed: dict[tuple[str, int], RolloutRecord] = {}
+    appender = None
+    if records_path is not None:
+        for row in read_jsonl(records_path):
+            record = RolloutRecord.from_dict(row)
+            resumed[(str(record.example_id), int(record.extra.get("sample", -1)))] = record
+        appender = JsonlAppender(records_path)
+
+    todo = [
+        (ex_id, ex, k)
+        for ex_id, ex in zip(ids, examples)
+        for k in range(config.n_samples)
+        if (ex_id, k) not in resumed
+    ]
+    if resumed:
+        logger.info("rollout round %d: %d records resumed, %d to generate", round_index, len(resumed), len(todo))
+
+    def one(item: tuple[str, dspy.Example, int]) -> RolloutRecord:
+        ex_id, example, sample = item
+        lm_config = {"temperature": config.temperature, "rollout_id": round_index * 100_000 + sample}
+        prompt = prompter(question=example.question, textual_reward=reward, config=lm_config).prompt
+        try:
+            solved = solver(question=example.question, prompt=prompt)
+            answer, reasoning = str(solved.answer), str(solved.reasoning)
+            score = _score(metric, example, solved)
+        except dspy.utils.exceptions.AdapterParseError as exc:
+            # the prompt led to an unparseable answer: a wrong answer, still worth a critique
+            answer, reasoning, score = "", f"(the solver's reply could not be parsed: {str(exc)[:200]})", 0.0
+        correct = score >= 1.0
+        if config.reward == "numeric":
+            critique = numeric_reward(score)
+        else:
+            critique = critic(
+                question=example.question, prompt=prompt, solver_reasoning=reasoning, solver_answer=answer,
+                reference_answer=str(example.answer), is_correct=correct,
+            ).critique
+        record = RolloutRecord(
+            question=example.question, prompt=prompt, critique=critique, answer=answer, correct=correct,
+            reasoning=reasoning, score=score, reference=str(example.answer), reward=reward,
+            round=round_index, example_id=ex_id, extra={"sample": sample},
+        )
+        if appender is not None:
+            appender.append(record.to_dict())
+        return record
+
+    batch = run_parallel(one, todo, num_threads=config.num_threads, progress=progress, desc=f"rollout round {round_index}")
+    new = [r for r in batch.outputs if r is not None]
+    # question order, then sample order: the same order whether records were resumed or not
+    position = {ex_id: i for i, ex_id in enumerate(ids)}
+    records = sorted(
+        [r for r in resumed.values() if str(r.example_id) in position] + new,
+        key=lambda r: (position[str(r.example_id)], r.extra.get("sample", 0)),
+    )
+    return RolloutResult(
+        records=records, n_new=len(new), n_resumed=len(resumed), n_failed=batch.n_errors,
+        error_counts=batch.error_counts(),
+    )
+
+
+def records_path_for(round_dir: str | os.PathLike) -> Path:
+    """Where a round's rollout records live inside its run folder."""
+    return Path(round_dir) / "records.jsonl"
