@@ -22,12 +22,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TEXTGRAD_DISABLE_LOGGING", "1")
 
 
-def lm_seconds(lms) -> float:
-    """Seconds spent inside LM calls, from the LMs' histories (response latency is not recorded
-    by DSPy, so this times calls with a wrapper instead; see ``TimedCalls``)."""
-    return sum(getattr(lm, "_trprompt_seconds", 0.0) for lm in lms)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-dir", default=os.environ.get("TRPROMPT_DATA_DIR", "../shared/data"))
@@ -38,8 +32,6 @@ def main() -> None:
     parser.add_argument("--warm-rerun", action="store_true", help="compile again with the cache warm and count LM calls")
     parser.add_argument("--out", default="benchmarks/results/compile_default.json")
     args = parser.parse_args()
-
-    import dspy
 
     import trprompt_dspy as t
     from trprompt_dspy.data import load_dataset
@@ -71,6 +63,11 @@ def main() -> None:
         results["compile_wall_s"] = round(time.perf_counter() - start, 1)
         report = json.loads(Path(args.log_dir, "report.json").read_text())
         results["report"] = report
+        # share of the compile outside LM calls and training (server start is outside compile)
+        results["orchestration_share"] = round(report["orchestration_s"] / report["wall_s"], 4)
+        results["reward_search_share"] = round(
+            sum(float(r["reward_search"].get("seconds", 0.0)) for r in report["rounds"]) / report["wall_s"], 4
+        )
         if args.warm_rerun:
             rerun_dir = args.log_dir + "-rerun"
             shutil.rmtree(rerun_dir, ignore_errors=True)

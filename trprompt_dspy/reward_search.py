@@ -40,14 +40,12 @@ every step. Model output is only ever parsed as text, never evaluated.
 
 from __future__ import annotations
 
-import contextlib
 import contextvars
 import json
 import logging
 import os
 import random
 import re
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -59,6 +57,7 @@ from dspy.utils.exceptions import AdapterParseError
 
 from . import reward_prompts as prompts
 from .parallel import run_parallel
+from .runs import atomic_write_json
 from .textgrad_engine import DSPyEngine, is_hosted_vllm, regex_extra_body, tg
 
 logger = logging.getLogger(__name__)
@@ -1016,8 +1015,8 @@ class RewardSearch:
             "structured_proposals": self.proposal_extra_body is not None,
             **_jsonable(result.to_dict()),
         }
-        _write_json(state.run_path / TRACE_FILE, payload)
-        _write_json(
+        atomic_write_json(state.run_path / TRACE_FILE, payload)
+        atomic_write_json(
             state.run_path / BEST_REWARD_FILE,
             {"reward": result.best_reward, "accuracy": result.best_accuracy,
              "accuracy_source": result.accuracy_source, "steps_run": result.steps_run, "status": status},
@@ -1060,21 +1059,6 @@ def _short_reply(reply: str | None) -> str | None:
 
 def _jsonable(value: Any) -> Any:
     return json.loads(json.dumps(value, default=str))
-
-
-def _write_json(path: Path, payload: Any) -> None:
-    """Write JSON next to ``path`` and rename it into place: readers never see a partial file."""
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(payload, f, indent=2, ensure_ascii=False)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
 
 
 def search_reward(
