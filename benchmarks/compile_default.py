@@ -29,6 +29,7 @@ def main() -> None:
     parser.add_argument("--val", type=int, default=50)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--log-dir", default="runs/bench-compile-default")
+    parser.add_argument("--resume", action="store_true", help="continue the run in --log-dir instead of starting over")
     parser.add_argument("--warm-rerun", action="store_true", help="compile again with the cache warm and count LM calls")
     parser.add_argument("--out", default="benchmarks/results/compile_default.json")
     args = parser.parse_args()
@@ -50,7 +51,8 @@ def main() -> None:
         search=RewardSearchConfig(steps=3, num_candidates=4, minibatch_size=16, num_threads=32),
         val_num_threads=32,
     )
-    shutil.rmtree(args.log_dir, ignore_errors=True)
+    if not args.resume:
+        shutil.rmtree(args.log_dir, ignore_errors=True)
     t0 = time.perf_counter()
     server = t.VLLMServer(model="default").start()
     server_s = time.perf_counter() - t0

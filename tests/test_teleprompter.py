@@ -191,3 +191,17 @@ def test_killed_compile_resumes_without_regenerating_records(clean_server, share
     assert report["rounds"][0]["rollout"]["resumed"] == len(before)
     assert report["rounds"][0]["rollout"]["new"] == 8 - len(before)
     assert compiled.prompter.adapter["name"].startswith("prompter-r2-")
+
+
+def test_records_with_an_empty_prompt_or_critique_are_not_trained_on(tmp_path):
+    # seen on the embedded 135M model: a sampled prompt can be empty
+    from trprompt_dspy.finetune import RolloutRecord, write_records
+    from trprompt_dspy.runs import RunFolder
+    from trprompt_dspy.teleprompter import _RoundLoop
+
+    loop = _RoundLoop.__new__(_RoundLoop)
+    loop.folder, loop.config = RunFolder(tmp_path), tiny_config()
+    records = [RolloutRecord(question="q1", prompt="p", critique="c"), RolloutRecord(question="q2", prompt=" ", critique="c"),
+               RolloutRecord(question="q3", prompt="p", critique="")]
+    write_records(tmp_path / "round_1" / "records.jsonl", records)
+    assert [r.question for r in loop._training_records(1)] == ["q1"]

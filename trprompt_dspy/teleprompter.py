@@ -351,12 +351,21 @@ class _RoundLoop:
     def _training_records(self, k: int) -> list[RolloutRecord]:
         rounds = range(1, k + 1) if self.config.train_on_all_rounds else [k]
         records = [r for i in rounds for r in read_records(records_path_for(self.folder.round_dir(i)))]
+        # a small prompter sometimes writes an empty prompt (or the critic an empty critique):
+        # nothing to learn from, so such records are left out and counted, not fatal
+        usable = [r for r in records if r.prompt.strip() and r.critique.strip()]
+        if len(usable) < len(records):
+            logger.warning("round %d: %d of %d records have an empty prompt or critique and are not trained on",
+                           k, len(records) - len(usable), len(records))
+        records = usable
         if self.config.rebalance == "balance":
             records = rebalance_records(records, seed=self.config.seed + k)
         return records
 
     def _finetune(self, k: int, round_dir: Path) -> dict[str, Any]:
         records = self._training_records(k)
+        if not records:
+            raise RuntimeError(f"round {k}: no usable record to train on (all prompts or critiques were empty)")
         ft_config = self.config.finetune.replace(overwrite=True, progress=self.config.progress)
         result = finetune_prompter(
             records, round_dir / "adapter", model=self.tele.server.model_path, config=ft_config,
