@@ -67,6 +67,7 @@ def main() -> None:
         results["report"] = report
         # share of the compile outside LM calls and training (server start is outside compile)
         results["orchestration_share"] = round(report["orchestration_s"] / report["wall_s"], 4)
+        results["usage_by_role"] = report["usage"].get("roles")
         results["reward_search_share"] = round(
             sum(float(r["reward_search"].get("seconds", 0.0)) for r in report["rounds"]) / report["wall_s"], 4
         )
@@ -77,7 +78,8 @@ def main() -> None:
             tele2.compile(t.TRPromptProgram(), trainset=train, valset=val)
             rerun = json.loads(Path(rerun_dir, "report.json").read_text())
             results["warm_rerun_rollout_calls"] = {
-                r["round"]: sum(m["calls"] for m in r["usage"]["rollout"].values()) for r in rerun["rounds"]
+                r["round"]: sum(m["calls"] for models in r["usage"]["rollout"].values() for m in models.values())
+                for r in rerun["rounds"]
             }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=2, default=str))

@@ -180,3 +180,34 @@ def test_run_parallel_keeps_order_and_counts_failures():
     assert result.error_counts() == {"KeyError": 4}
     with pytest.raises(ValueError, match="num_threads"):
         run_parallel(square_or_fail, [1], num_threads=0)
+
+
+def test_call_cost_uses_litellm_prices_and_is_unknown_for_local_models():
+    from trprompt_dspy.usage import call_cost
+
+    assert call_cost("hosted_vllm/base", 100, 10) is None
+    assert call_cost("no-such-provider/no-such-model", 100, 10) is None
+    cost = call_cost("gpt-4o-mini", 1_000_000, 0)
+    assert cost is not None and 0.01 < cost < 10  # a price from litellm's local map, in USD
+
+
+def test_usage_meter_tells_roles_apart_when_they_share_one_lm():
+    from trprompt_dspy.usage import UsageMeter
+
+    shared = DummyLM([{"prompt": "Think.", "reasoning": "r", "answer": "4", "critique": "ok"}] * 10)
+    optimizer = DummyLM([{"x": "y"}])
+    meter = UsageMeter()
+    meter.assign_role(optimizer, "optimizer")
+    prompter, solver = t.QueryAwarePrompter(), t.Solver()
+    with dspy.context(lm=shared), meter.stage("round_1/rollout"):
+        prompt = prompter(question="2+2?").prompt
+        solver(question="2+2?", prompt=prompt)
+        optimizer("improve the reward")
+    with meter.stage("round_1/validation"):
+        with dspy.context(lm=shared):
+            solver(question="3+3?", prompt=prompt)
+    rollout = meter.by_stage("round_1/rollout")
+    assert {role: sum(m["calls"] for m in models.values()) for role, models in rollout.items()} == {
+        "prompter": 1, "target": 1, "optimizer": 1}
+    assert meter.by_role()["target"]["calls"] == 2 and meter.totals()["calls"] == 4
+    assert meter.by_role()["target"]["cost_usd"] is None  # no price known for this model

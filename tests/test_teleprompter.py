@@ -205,3 +205,81 @@ def test_records_with_an_empty_prompt_or_critique_are_not_trained_on(tmp_path):
                RolloutRecord(question="q3", prompt="p", critique="")]
     write_records(tmp_path / "round_1" / "records.jsonl", records)
     assert [r.question for r in loop._training_records(1)] == ["q1"]
+
+
+def _kill_when(server, records, at_least: int, timeout_s: float = 300):
+    """A thread that SIGKILLs every process of ``server`` once ``records`` holds ``at_least`` rows."""
+    import os
+    import signal
+    import threading
+    import time
+
+    def watch():
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if records.is_file() and len(read_jsonl(records)) >= at_least:
+                for pid in server.pids():
+                    try:
+                        os.kill(pid, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
+                return
+            time.sleep(0.05)
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_server_killed_mid_rollout_is_restarted_or_stops_resumably(vllm_server, shared_data_dir, tmp_path):
+    from trprompt_dspy.teleprompter import ServerDiedError
+
+    config = dataclasses.replace(vllm_server.config, port=None, log_path=tmp_path / "vllm.log")
+    train = load_dataset("gsm8k", "train", data_dir=shared_data_dir, limit=6)
+    log_dir, records = tmp_path / "run", tmp_path / "run" / "round_1" / "records.jsonl"
+    one_thread = RolloutConfig(n_samples=2, temperature=1.0, num_threads=1)
+
+    def tele(server, restarts):
+        tele = _tele(server, log_dir, rounds=1, rollout=one_thread, max_server_restarts=restarts)
+        # one quick retry: a dead server refuses connections, there is nothing to wait for
+        tele.lm_kwargs["num_retries"] = 1
+        return tele
+
+    with t.VLLMServer(config) as server:
+        # no restart allowed: a clear error, and what was done stays in the run folder
+        watcher = _kill_when(server, records, 3)
+        with pytest.raises(ServerDiedError, match="compile again with the same log_dir"):
+            tele(server, 0).compile(t.TRPromptProgram(), trainset=train)
+        watcher.join()
+        first = read_jsonl(records)
+        assert 3 <= len(first) < 12 and not server.running and server.pids() == []
+
+        # the user restarts the server and resumes; the server dies again and is restarted
+        server.restart()
+        watcher = _kill_when(server, records, len(first) + 2)
+        compiled = tele(server, 1).compile(t.TRPromptProgram(), trainset=train)
+        watcher.join()
+        assert server.running and server.restarts == 2
+        after = read_jsonl(records)
+        assert len(after) == 12 and after[: len(first)] == first
+        assert len({(r["example_id"], r["extra"]["sample"]) for r in after}) == 12  # none twice
+        report = json.loads((log_dir / "report.json").read_text())
+        assert [r["during"] for r in report["server_restarts"]] == ["round_1/rollout"]
+        assert report["server_start_s"] > 0
+        assert compiled.prompter.adapter["name"] in server.adapters
+
+
+def test_usage_is_counted_per_role_when_roles_share_one_model(clean_server, shared_data_dir, tmp_path):
+    train = load_dataset("gsm8k", "train", data_dir=shared_data_dir, limit=2)
+    tele = _tele(clean_server, tmp_path / "run", rounds=1, validate_initial=False)
+    tele.compile(t.TRPromptProgram(), trainset=train)
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    usage = report["rounds"][0]["usage"]
+    # one model plays every role here; the calls are still told apart by role
+    assert set(usage["rollout"]) == {"prompter", "target", "critic"}
+    assert {"prompter", "target", "optimizer"} <= set(usage["reward_search"])
+    roles = report["usage"]["roles"]
+    assert roles["prompter"]["calls"] >= 4 and roles["critic"]["calls"] == 4  # 2 questions x 2 samples
+    # a local model has no price: its cost is unknown, not zero
+    assert roles["target"]["cost_usd"] is None and roles["target"]["unpriced_calls"] == roles["target"]["calls"]
+    assert report["usage"]["totals"]["calls"] == sum(r["calls"] for r in roles.values())

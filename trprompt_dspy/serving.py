@@ -333,6 +333,8 @@ class VLLMServer:
         self._pgid: int | None = None
         self._watch_fd: int | None = None
         self._adapters: dict[str, str] = {}
+        self._restart_port: int | None = None
+        self.restarts = 0
         self._lock = threading.RLock()
 
     # ---------------------------------------------------------------- lifecycle
@@ -385,9 +387,10 @@ class VLLMServer:
             self.served_model_name = cfg.served_model_name or _default_served_name(self.model_path)
             # A fixed port cannot be retried on a clash; a picked one can (another process may
             # take it between our probe and vLLM's bind).
-            attempts = 1 if cfg.port is not None else 3
+            port = cfg.port or self._restart_port
+            attempts = 1 if port is not None else 3
             for attempt in range(attempts):
-                self.port = cfg.port or free_port(cfg.host)
+                self.port = port or free_port(cfg.host)
                 self._spawn()
                 if not wait:
                     return self
@@ -405,6 +408,37 @@ class VLLMServer:
                     self.stop(grace_s=2)
                     raise
             raise AssertionError("unreachable")
+
+    def restart(self) -> float:
+        """Start the server again after it died (or stop and start it), on the same port.
+
+        LMs made by :meth:`lm` keep working (same address), and the adapters that were loaded
+        are loaded again under their names.
+
+        Returns:
+            seconds until the new server was ready.
+
+        Raises:
+            ServerStartError: the new server did not start (the message holds its log).
+        """
+        with self._lock:
+            self._require_started()
+            adapters, port = dict(self._adapters), self.port
+            code = self._proc.poll()
+            logger.warning(
+                "restarting the vLLM server on port %s (%s; log %s)", port,
+                "it exited with status %s" % code if code is not None else "it was running", self.log_path,
+            )
+            self.stop(grace_s=2)
+            self._restart_port = port
+            try:
+                self.start()
+            finally:
+                self._restart_port = None
+            for name, path in adapters.items():
+                self.load_adapter(name, path)
+            self.restarts += 1
+            return self.ready_seconds or 0.0
 
     def _command(self) -> list[str]:
         cfg = self.config

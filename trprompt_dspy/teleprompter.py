@@ -40,6 +40,23 @@ from .usage import LMBusyClock, UsageMeter
 logger = logging.getLogger(__name__)
 
 STAGES = ("rollout", "finetune", "reward_search", "validation")
+ROLES = ("prompter", "target", "critic", "optimizer")
+# settings that change how fast a run goes, not what it computes: a run may be resumed with
+# other values (more threads, no progress bars, another device)
+_NOT_FINGERPRINTED = frozenset({
+    "progress", "max_server_restarts", "val_num_threads", "num_threads", "cpu_threads", "device",
+    "gradient_checkpointing", "overwrite", "straggler_timeout_s",
+})
+
+
+class ServerDiedError(RuntimeError):
+    """The local vLLM server died more often than ``max_server_restarts`` allows."""
+
+
+def _fingerprinted(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _fingerprinted(v) for k, v in value.items() if k not in _NOT_FINGERPRINTED}
+    return value
 
 
 @dataclasses.dataclass
@@ -66,6 +83,10 @@ class TRPromptConfig:
         val_num_threads: threads of the validation pass.
         seed: seeds rebalancing.
         progress: progress bars.
+        max_server_restarts: how many times the local vLLM server may be restarted when it dies
+            during a compile (the interrupted stage runs again and keeps its completed work);
+            one more death stops the compile with a clear error and a resumable run folder.
+            API roles are retried by DSPy itself (``num_retries`` in ``lm_kwargs`` / your LMs).
     """
 
     rounds: int = 2
@@ -81,6 +102,7 @@ class TRPromptConfig:
     val_num_threads: int = 16
     seed: int = 0
     progress: bool = True
+    max_server_restarts: int = 2
 
     def __post_init__(self) -> None:
         if not isinstance(self.rounds, int) or self.rounds < 1:
@@ -89,6 +111,8 @@ class TRPromptConfig:
             raise ValueError(f"reward must be 'textual' or 'numeric', got {self.reward!r}")
         if self.rebalance not in ("none", "balance"):
             raise ValueError(f"rebalance must be 'none' or 'balance', got {self.rebalance!r}")
+        if not isinstance(self.max_server_restarts, int) or self.max_server_restarts < 0:
+            raise ValueError(f"max_server_restarts must be an int >= 0, got {self.max_server_restarts!r}")
         if self.rollout.reward != self.reward:
             self.rollout = dataclasses.replace(self.rollout, reward=self.reward)
 
@@ -224,6 +248,7 @@ class TRPromptTeleprompter(Teleprompter):
         atomic_write_json(run.file("config.json"), self._describe())
         atomic_write_json(run.file("versions.json"), versions())
         meter = UsageMeter()
+        meter.assign_role(self.optimizer_lm, "optimizer")
         loop = _RoundLoop(self, run, meter, program, prompter, solver, critic, list(trainset), list(valset or []))
         settings: dict[str, Any] = {"callbacks": [*dspy.settings.get("callbacks", []), loop.clock]}
         if self.structured:
@@ -235,7 +260,7 @@ class TRPromptTeleprompter(Teleprompter):
 
     def _fingerprint(self, trainset, valset) -> dict[str, Any]:
         return {
-            "config": self.config.to_dict(),
+            "config": _fingerprinted(self.config.to_dict()),
             "base_model": self.server.model_path,
             "trainset": [str(ex.get("id", i)) for i, ex in enumerate(trainset)],
             "valset": [str(ex.get("id", i)) for i, ex in enumerate(valset or [])],
@@ -267,6 +292,8 @@ class _RoundLoop:
         self.config: TRPromptConfig = tele.config
         self.clock = LMBusyClock()
         self.training_s = 0.0
+        self.server_start_s = 0.0
+        self.restarts = 0
         self.report: dict[str, Any] = {"rounds": [], "log_dir": str(run.path)}
         if self.config.reward == "numeric":
             self.reward = numeric_reward(1.0)
@@ -285,7 +312,10 @@ class _RoundLoop:
         # time with no LM call in flight and no training: what the library itself costs
         self.report["lm_busy_s"] = round(self.clock.busy_seconds, 2)
         self.report["training_s"] = round(self.training_s, 2)
-        self.report["orchestration_s"] = round(self.report["wall_s"] - self.clock.busy_seconds - self.training_s, 2)
+        self.report["server_start_s"] = round(self.server_start_s, 2)
+        self.report["orchestration_s"] = round(
+            self.report["wall_s"] - self.clock.busy_seconds - self.training_s - self.server_start_s, 2
+        )
         self.report["usage"] = self.meter.to_dict()
         self.report["final_reward"] = self.reward
         self._write_report()
@@ -293,17 +323,52 @@ class _RoundLoop:
     # ------------------------------------------------------------------ one round
 
     def _stage(self, k: int, name: str, fn: Callable[[], Any]) -> tuple[Any, float, bool]:
-        """Run a stage unless the run folder marks it done; returns (result, seconds, resumed)."""
+        """Run a stage unless the run folder marks it done; returns (result, seconds, resumed).
+
+        If the local server died while the stage ran, its result is not trusted (requests failed
+        for that reason, not the model's): the server is restarted and the stage runs again,
+        keeping what it had completed (rollout records, search trace).
+        """
         key = f"round_{k}/{name}"
         if self.folder.is_done(key):
             return self.folder.result(key), 0.0, True
-        t0 = time.perf_counter()
-        with self.meter.stage(key):
-            result = fn()
-        seconds = round(time.perf_counter() - t0, 2)
+        t0, restarting_before = time.perf_counter(), self.server_start_s
+        while True:
+            self._ensure_server(key)
+            try:
+                with self.meter.stage(key):
+                    result = fn()
+            except Exception as exc:
+                if self.tele.server.running:
+                    raise
+                logger.warning("%s failed while the vLLM server was down (%s: %s)", key, type(exc).__name__, exc)
+                continue
+            if self.tele.server.running:
+                break
+            logger.warning("the vLLM server died during %s; its result is discarded and the stage runs again", key)
+        # the time spent restarting the server is counted as server start, not as the stage
+        seconds = round(time.perf_counter() - t0 - (self.server_start_s - restarting_before), 2)
         result = {**(result or {}), "seconds": seconds}
         self.folder.mark_done(key, result)
         return result, seconds, False
+
+    def _ensure_server(self, where: str) -> None:
+        """Restart the local server if it died (bounded by ``config.max_server_restarts``)."""
+        server = self.tele.server
+        if server.running:
+            return
+        if self.restarts >= self.config.max_server_restarts:
+            raise ServerDiedError(
+                f"the vLLM server died during {where} (log: {server.log_path}) after "
+                f"{self.restarts} restart(s) (max_server_restarts={self.config.max_server_restarts}). "
+                f"Completed work is kept in {self.folder.path}: start a server and compile again "
+                "with the same log_dir to resume."
+            )
+        self.restarts += 1
+        t0 = time.perf_counter()
+        server.restart()
+        self.server_start_s += time.perf_counter() - t0
+        self.report.setdefault("server_restarts", []).append({"during": where, "seconds": round(time.perf_counter() - t0, 1)})
 
     def _round(self, k: int) -> None:
         round_dir = self.folder.round_dir(k)
@@ -314,6 +379,7 @@ class _RoundLoop:
         finetune, seconds, _ = self._stage(k, "finetune", lambda: self._finetune(k, round_dir))
         self.training_s += seconds  # 0 for a stage resumed from an earlier process
         row["finetune"] = finetune
+        self._ensure_server(f"round_{k}/serve_adapter")
         self._serve_adapter(k, Path(finetune["adapter_dir"]))
 
         if self.config.reward == "numeric" or (not self.config.update_reward and k > 1):
@@ -329,12 +395,18 @@ class _RoundLoop:
             validation, _, _ = self._stage(k, "validation", lambda: self._validate(round_dir))
             row["validation"] = validation
         row["usage"] = {stage: self.meter.by_stage(f"round_{k}/{stage}") for stage in STAGES}
+        calls = sum(m["calls"] for roles in row["usage"].values() for models in roles.values() for m in models.values())
+        tokens = sum(
+            m["prompt_tokens"] + m["completion_tokens"]
+            for roles in row["usage"].values() for models in roles.values() for m in models.values()
+        )
         self.report["rounds"].append(row)
         self._write_report()
         logger.warning(
-            "round %d: val acc %s | rollout acc %.3f on %d records | t* %s | %s",
+            "round %d: val acc %s | rollout acc %.3f on %d records | t* %s | %d LM calls, %d tokens | %s",
             k, f"{row['validation']['accuracy']:.3f}" if "validation" in row else "n/a",
             rollout["accuracy"], rollout["records"], "updated" if not search.get("skipped") else "kept",
+            calls, tokens,
             " ".join(f"{s} {row[s]['seconds']}s" for s in STAGES if s in row and "seconds" in row[s]),
         )
 
