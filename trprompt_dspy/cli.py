@@ -1,9 +1,8 @@
-"""The ``trprompt`` command.
+"""The ``trprompt`` command: ``demo``, ``compile``, ``evaluate`` and ``serve``.
 
-``trprompt demo`` is, for now, a smoke run of the whole inference stack on the embedded default
-model: it starts a local vLLM server, loads held-out questions, and evaluates the Solver alone
-(zero-shot) and the untrained prompter + Solver. Compilation (the TRPrompt training loop) joins
-it when the teleprompter lands.
+Mistakes a user makes (an unknown dataset, a missing file, a model that does not exist, an API
+role without its key, a port in use, a bad config file) print one ``trprompt: error:`` line and
+exit with status 2, never a traceback.
 """
 
 from __future__ import annotations
@@ -11,104 +10,315 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import socket
 import sys
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 logger = logging.getLogger(__name__)
+
+LOCAL = "local"
 
 
 class UserError(Exception):
     """A mistake in the command line or its inputs: one message, exit status 2, no traceback."""
 
 
-def _demo(args: argparse.Namespace) -> int:
+# --------------------------------------------------------------------------- shared checks
+
+
+def _positive(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}") from None
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}")
+    return number
+
+
+def _check_port(host: str, port: int | None) -> None:
+    if port is None:
+        return
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind((host, port))
+        except OSError:
+            raise UserError(f"port {port} on {host} is in use; pick another with --port") from None
+
+
+def role_lm(role: str, model: str, lm_kwargs: dict[str, Any]) -> Any:
+    """``None`` for ``"local"`` (the role runs on the local server), else a ``dspy.LM`` for an API
+    model (any litellm name, e.g. ``openai/gpt-4o-mini``) whose key must be in the environment."""
+    if model == LOCAL:
+        return None
     import dspy
-    from rich.console import Console
-    from rich.table import Table
+    import litellm
 
-    from .data import DataError, load_dataset
-    from .evaluation import evaluate
+    try:
+        check = litellm.validate_environment(model=model)
+    except Exception as exc:
+        raise UserError(f"--{role}-model {model!r}: litellm does not know this model ({exc})") from None
+    if not check.get("keys_in_environment", False):
+        missing = ", ".join(check.get("missing_keys") or []) or "its API key"
+        raise UserError(f"--{role}-model {model!r} needs {missing} in the environment")
+    return dspy.LM(model, **{k: v for k, v in lm_kwargs.items() if k != "max_string_length"})
+
+
+def _load_examples(args: argparse.Namespace, *, split: str, limit: int | None) -> list:
+    from .data import load_dataset, load_file
+
+    if getattr(args, "file", None):
+        return load_file(args.file, limit=limit) if limit else load_file(args.file)
+    return load_dataset(args.dataset, split, data_dir=args.data_dir, limit=limit)
+
+
+def _metric(args: argparse.Namespace):
     from .metrics import metric_for
-    from .models import ModelNotAvailableError
-    from .modules import Solver, TRPromptProgram
-    from .serving import ServerError, VLLMServer
 
-    console = Console()
+    name = args.metric or (args.dataset if getattr(args, "dataset", None) else "gsm8k")
     try:
-        examples = load_dataset(args.dataset, "test", data_dir=args.data_dir, limit=args.n)
-    except DataError as exc:
+        return metric_for(name)
+    except ValueError as exc:
         raise UserError(str(exc)) from None
-    metric = metric_for(args.dataset)
-    run_dir = Path(args.log_dir or f"runs/demo-{time.strftime('%Y%m%d-%H%M%S')}")
-    run_dir.mkdir(parents=True, exist_ok=True)
 
-    console.print(f"[bold]trprompt demo[/bold]: {len(examples)} {args.dataset} test questions, model {args.model}")
-    console.print("starting the local vLLM server (about 30 s on 2 CPU cores)...")
+
+def _start_server(config: Any) -> Any:
+    from .serving import VLLMServer
+
+    _check_port(config.host, config.port)
+    return VLLMServer(config).start()
+
+
+# --------------------------------------------------------------------------- commands
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from .demo import DemoSettings, run_demo
+
     try:
-        server = VLLMServer(model=args.model, log_path=run_dir / "vllm.log").start()
-    except (ModelNotAvailableError, ServerError) as exc:
+        settings = DemoSettings(
+            dataset=args.dataset, model=args.model, tiny=args.tiny, train=args.train, val=args.val, test=args.test,
+            rounds=args.rounds, data_dir=args.data_dir, log_dir=args.log_dir, num_threads=args.num_threads,
+        )
+    except ValueError as exc:
         raise UserError(str(exc)) from None
-    with server:
-        # JSON schemas enforced by vLLM: without them a 135M model's replies rarely parse
-        lm = server.lm(structured=True, max_tokens=args.max_tokens, temperature=0.0)
-        methods = {
-            "zero-shot solver": Solver(),
-            "untrained prompter + solver": TRPromptProgram(),
-        }
-        results = {}
-        with dspy.context(lm=lm, adapter=dspy.JSONAdapter()):
-            for name, program in methods.items():
-                console.print(f"evaluating {name}...")
-                start = time.perf_counter()
-                report = evaluate(program, examples, metric, num_threads=args.num_threads)
-                results[name] = {**report.to_dict(), "wall_s": round(time.perf_counter() - start, 1)}
-
-    table = Table(title=f"{args.dataset} test, first {len(examples)} questions, {args.model} (1 run)")
-    for column in ("method", "accuracy", "correct", "unparsed", "wall s"):
-        table.add_column(column)
-    for name, r in results.items():
-        table.add_row(name, f"{r['accuracy']:.1%}", f"{r['n_correct']}/{r['n']}", str(r["n_errors"]), str(r["wall_s"]))
-    console.print(table)
-    (run_dir / "report.json").write_text(json.dumps(
-        {"dataset": args.dataset, "model": args.model, "n": len(examples), "results": results}, indent=2
-    ))
-    console.print(f"report: {run_dir / 'report.json'}  server log: {run_dir / 'vllm.log'}")
+    if args.tiny and args.train == 16 and args.test == 40:  # the defaults: the smallest sizes that run every stage
+        settings.train, settings.val, settings.test, settings.rounds = 4, 2, 3, min(args.rounds, 2)
+    run_demo(settings)
     return 0
 
 
+def _compile(args: argparse.Namespace) -> int:
+    from .config_file import config_from_dict, load_config
+    from .modules import TRPromptProgram
+    from .serving import ServerConfig
+    from .teleprompter import TRPromptTeleprompter
+
+    if args.val_size < 0:
+        raise UserError(f"--val-size must be >= 0, got {args.val_size}")
+    overrides = {"rounds": args.rounds}
+    config = load_config(args.config, **overrides) if args.config else config_from_dict(
+        {k: v for k, v in overrides.items() if v is not None})
+    if args.file:
+        from .data import split_examples
+
+        everything = _load_examples(args, split="train", limit=None)
+        if args.train_size + args.val_size > len(everything):
+            raise UserError(f"{args.file} has {len(everything)} examples; asked for {args.train_size} + {args.val_size}")
+        train, val = split_examples(everything, [args.train_size, args.val_size], seed=0)
+        if args.val_file:
+            from .data import load_file
+
+            val = load_file(args.val_file)[: args.val_size]
+    else:
+        from .data import train_val_test
+
+        train, val, _ = train_val_test(args.dataset, args.train_size, args.val_size, 0, data_dir=args.data_dir)
+    log_dir = Path(args.log_dir or f"runs/compile-{time.strftime('%Y%m%d-%H%M%S')}")
+    if (log_dir / "stages.json").is_file() and not args.resume:
+        raise UserError(f"{log_dir} holds an earlier run; pass --resume to continue it or choose another --log-dir")
+    if args.resume and not (log_dir / "stages.json").is_file():
+        raise UserError(f"--resume: {log_dir} holds no run to continue")
+    lm_kwargs = {"max_tokens": args.max_tokens}
+    roles = {role: role_lm(role, getattr(args, f"{role}_model"), lm_kwargs) for role in ("target", "critic", "optimizer")}
+    metric = _metric(args)
+    print(f"trprompt compile: {len(train)} training / {len(val)} validation examples, {config.rounds} round(s), "
+          f"prompter {args.model}; run folder {log_dir}", flush=True)
+    server = _start_server(ServerConfig(model=args.model, port=args.port, log_path=log_dir / "vllm.log"))
+    with server:
+        tele = TRPromptTeleprompter(
+            server=server, metric=metric, config=config, log_dir=log_dir, lm_kwargs=lm_kwargs,
+            target_lm=roles["target"], critic_lm=roles["critic"], optimizer_lm=roles["optimizer"],
+        )
+        compiled = tele.compile(TRPromptProgram(), trainset=train, valset=val or None)
+        out = Path(args.out or log_dir / "program")
+        compiled.save(out)
+    report = json.loads((log_dir / "report.json").read_text())
+    for row in report["rounds"]:
+        val_acc = row.get("validation", {}).get("accuracy")
+        print(f"round {row['round']}: validation accuracy {'n/a' if val_acc is None else f'{val_acc:.1%}'}")
+    print(f"compiled program: {out}\nreport: {log_dir / 'report.json'} (plot: report.png)")
+    return 0
+
+
+def _load_program(folder: str):
+    from .compiled import read_manifest
+    from .modules import TRPromptProgram
+
+    path = Path(folder)
+    if not (path / "manifest.json").is_file():
+        raise UserError(f"{path} is not a saved TRPrompt program (no manifest.json); save one with compiled.save(dir)")
+    program = TRPromptProgram()
+    program.load(path)
+    return program, read_manifest(path)
+
+
+def _base_model(manifest: dict[str, Any]) -> str:
+    bases = {p.get("adapter", {}).get("base_model") for p in manifest.get("prompters", {}).values() if p.get("adapter")}
+    bases.discard(None)
+    if len(bases) != 1:
+        raise UserError(f"the program's prompters name {len(bases)} base models ({', '.join(map(str, bases)) or 'none'}); expected one")
+    return bases.pop()
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    import dspy
+
+    from .compiled import serve_prompters
+    from .evaluation import evaluate
+    from .serving import ServerConfig
+
+    program, manifest = _load_program(args.program)
+    examples = _load_examples(args, split=args.split, limit=args.n)
+    metric = _metric(args)
+    lm_kwargs = {"max_tokens": args.max_tokens}
+    target = role_lm("target", args.target_model, lm_kwargs)
+    server = _start_server(ServerConfig(model=_base_model(manifest), port=args.port))
+    with server:
+        serve_prompters(program, server, **lm_kwargs)
+        program.solver.set_lm(target or server.lm(structured=True, temperature=0.0, **lm_kwargs))
+        with dspy.context(adapter=dspy.JSONAdapter()):
+            report = evaluate(program, examples, metric, num_threads=args.num_threads)
+    source = args.file or f"{args.dataset} {args.split}"
+    print(f"{source}: accuracy {report.accuracy:.1%} ({report.n_correct}/{report.n}, {report.n_errors} unparsed), 1 run")
+    if args.out:
+        Path(args.out).write_text(json.dumps(report.to_dict(), indent=2))
+        print(f"per-question results: {args.out}")
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from .compiled import serve_prompters
+    from .serving import ServerConfig
+
+    program, manifest = _load_program(args.program)
+    server = _start_server(ServerConfig(model=_base_model(manifest), host=args.host, port=args.port))
+    with server:
+        serve_prompters(program, server)
+        names = sorted(server.adapters)
+        print(f"serving on {server.api_base} (OpenAI-compatible)\n  base model: {server.served_model_name}\n"
+              f"  prompter adapter(s): {', '.join(names)}\n  reward t*: {program.prompter.reward}\n"
+              f"use it: dspy.LM('hosted_vllm/{names[0]}', api_base='{server.api_base}', api_key='local')\n"
+              "Ctrl-C stops the server.", flush=True)
+        try:
+            while server.running:
+                time.sleep(1)
+        except KeyboardInterrupt:
+            pass
+        if not server.running:
+            raise UserError(f"the server stopped; see its log {server.log_path}")
+    return 0
+
+
+# --------------------------------------------------------------------------- parser
+
+
+def _add_data_args(parser: argparse.ArgumentParser, *, file_help: str) -> None:
+    from .data import dataset_names
+
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--dataset", default="gsm8k", help=f"built-in dataset: {', '.join(dataset_names())} (default gsm8k)")
+    source.add_argument("--file", default=None, help=file_help)
+    parser.add_argument("--data-dir", default=None, help="local data folder (default: $TRPROMPT_DATA_DIR, else the hub)")
+    parser.add_argument("--metric", default=None, help="metric by dataset name (default: the dataset's own, or gsm8k for files)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="trprompt", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="trprompt", description="TRPrompt (query-aware prompt optimization from textual rewards) for DSPy.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    demo = sub.add_parser("demo", help="run the main job on the embedded default model")
-    demo.add_argument("--dataset", default="svamp", help="gsm8k, gsm_hard, math, math500 or svamp")
-    demo.add_argument("--n", type=int, default=20, help="number of test questions")
-    demo.add_argument("--data-dir", default=None, help="local data folder (default: $TRPROMPT_DATA_DIR, else the hub)")
+    demo = sub.add_parser("demo", help="compile and compare TRPrompt on the embedded default model (the main job)")
+    demo.add_argument("--dataset", default="words", help="words (generated one-step word problems, default), gsm8k, svamp, ...")
+    demo.add_argument("--tiny", action="store_true", help="the tiny random test model and minimal sizes (checks the plumbing in about a minute)")
     demo.add_argument("--model", default="default", help="'default', a model folder, a .gguf file or a hub id")
-    demo.add_argument("--max-tokens", type=int, default=384, help="token cap per reply (reasoning strings are capped at 300 characters)")
-    demo.add_argument("--num-threads", type=int, default=16)
+    demo.add_argument("--train", type=_positive, default=16, help="training questions of the compile")
+    demo.add_argument("--val", type=_positive, default=16, help="validation questions of the compile")
+    demo.add_argument("--test", type=_positive, default=40, help="held-out test questions every method is measured on")
+    demo.add_argument("--rounds", type=_positive, default=2)
+    demo.add_argument("--num-threads", type=_positive, default=16)
+    demo.add_argument("--data-dir", default=None, help="local data folder (default: $TRPROMPT_DATA_DIR, else the hub)")
     demo.add_argument("--log-dir", default=None, help="run folder (default: runs/demo-<time>)")
     demo.set_defaults(func=_demo)
+
+    comp = sub.add_parser("compile", help="compile a TRPromptProgram on a dataset or your own file")
+    _add_data_args(comp, file_help="your own .jsonl/.csv with question and answer fields")
+    comp.add_argument("--val-file", default=None, help="validation examples (with --file; default: cut from --file)")
+    comp.add_argument("--train-size", type=_positive, default=32)
+    comp.add_argument("--val-size", type=int, default=50)
+    comp.add_argument("--model", default="default", help="the prompter's base model, served locally by vLLM")
+    for role in ("target", "critic", "optimizer"):
+        comp.add_argument(f"--{role}-model", default=LOCAL, help=f"the {role}'s LM: 'local' (the prompter's base model) or a litellm name")
+    comp.add_argument("--rounds", type=_positive, default=None, help="overrides the config file")
+    comp.add_argument("--config", default=None, help="a TOML, YAML or JSON file of TRPromptConfig settings")
+    comp.add_argument("--log-dir", default=None, help="run folder (default: runs/compile-<time>)")
+    comp.add_argument("--resume", action="store_true", help="continue the run in --log-dir after its last completed stage")
+    comp.add_argument("--out", default=None, help="where to save the compiled program (default: <log-dir>/program)")
+    comp.add_argument("--max-tokens", type=_positive, default=384)
+    comp.add_argument("--port", type=int, default=None, help="port of the local vLLM server (default: a free one)")
+    comp.set_defaults(func=_compile)
+
+    ev = sub.add_parser("evaluate", help="measure a saved program on a dataset or file")
+    ev.add_argument("program", help="folder written by compiled.save() or trprompt compile")
+    _add_data_args(ev, file_help="your own .jsonl/.csv")
+    ev.add_argument("--split", default="test")
+    ev.add_argument("--n", type=_positive, default=None, help="first N questions (default: all)")
+    ev.add_argument("--target-model", default=LOCAL, help="the solver's LM: 'local' or a litellm name")
+    ev.add_argument("--max-tokens", type=_positive, default=384)
+    ev.add_argument("--num-threads", type=_positive, default=16)
+    ev.add_argument("--port", type=int, default=None)
+    ev.add_argument("--out", default=None, help="write per-question results (JSON) here")
+    ev.set_defaults(func=_evaluate)
+
+    serve = sub.add_parser("serve", help="start a vLLM server with a saved program's adapter and print the endpoint")
+    serve.add_argument("program", help="folder written by compiled.save() or trprompt compile")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=None)
+    serve.set_defaults(func=_serve)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``trprompt`` console script."""
+    from .config_file import ConfigError
+    from .data import DataError
+    from .models import ModelNotAvailableError
+    from .runs import RunFolderError
+    from .serving import ServerError
+
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    if getattr(args, "n", 1) is not None and getattr(args, "n", 1) < 1:
-        print("trprompt: error: --n must be at least 1", file=sys.stderr)
-        return 2
+    os.environ.setdefault("TEXTGRAD_DISABLE_LOGGING", "1")
     try:
         return args.func(args)
-    except UserError as exc:
+    except (UserError, ConfigError, DataError, ModelNotAvailableError, RunFolderError, ServerError, FileNotFoundError) as exc:
         print(f"trprompt: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("trprompt: interrupted", file=sys.stderr)
+        print("trprompt: interrupted (a compile resumes with --resume and the same --log-dir)", file=sys.stderr)
         return 130
 
 

@@ -222,6 +222,16 @@ DATASETS: dict[str, DatasetSpec] = {
 }
 
 
+#: the generated dataset (``tasks.word_problems``): the demo's task, no file or network needed
+GENERATED_DATASET = "words"
+GENERATED_DEFAULT_SIZE = 200
+
+
+def dataset_names() -> list[str]:
+    """Every name ``load_dataset`` accepts."""
+    return [*DATASETS, GENERATED_DATASET]
+
+
 def resolve_data_dir(data_dir: str | os.PathLike | None = None) -> Path | None:
     """The local data folder: the argument, else ``$TRPROMPT_DATA_DIR``, else None (use the hub)."""
     chosen = data_dir if data_dir is not None else os.environ.get(DATA_DIR_ENV) or None
@@ -243,7 +253,9 @@ def load_dataset(
     """Load a built-in dataset split as ``dspy.Example``s (inputs: ``question``; label: ``answer``).
 
     Args:
-        name: one of ``DATASETS`` (gsm8k, gsm_hard, math, math500, svamp).
+        name: one of ``DATASETS`` (gsm8k, gsm_hard, math, math500, svamp), or ``"words"``:
+            one-step arithmetic word problems the library generates (``tasks.word_problems``,
+            seed 0; ``limit`` questions, 200 by default), no file or network needed.
         split: ``train`` or ``test`` (what the dataset has; see ``DATASETS[name].local_splits``).
         data_dir: a local folder laid out like ``../shared/data``; default ``$TRPROMPT_DATA_DIR``;
             when neither is set the dataset comes from the hub by its public name.
@@ -252,10 +264,16 @@ def load_dataset(
     Rows with an empty gold answer (two MATH train solutions box nothing) are skipped with a
     warning; any other bad row raises ``DataError``.
     """
-    if name not in DATASETS:
-        raise DataError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}")
+    if name not in DATASETS and name != GENERATED_DATASET:
+        raise DataError(f"unknown dataset {name!r}; known: {', '.join(dataset_names())}")
     if limit is not None and limit <= 0:
         raise DataError(f"limit must be positive, got {limit}")
+    if name == GENERATED_DATASET:
+        from .tasks import word_problems
+
+        if split not in ("train", "test"):
+            raise DataError(f"{name} has splits train and test, not {split!r}")
+        return word_problems(limit or GENERATED_DEFAULT_SIZE, split=split)
     spec = DATASETS[name]
     folder = resolve_data_dir(data_dir)
     if folder is not None:
@@ -324,3 +342,38 @@ def split_examples(
         parts.append([examples[i] for i in order[start:start + size]])
         start += size
     return parts
+
+
+def train_val_test(
+    name: str,
+    train: int,
+    val: int,
+    test: int | None,
+    *,
+    data_dir: str | os.PathLike | None = None,
+) -> tuple[list[dspy.Example], list[dspy.Example], list[dspy.Example]]:
+    """Training, validation and test questions of a built-in dataset, never overlapping.
+
+    Train and val are the first ``train + val`` questions of the training split; test the first
+    ``test`` (None: all) of the test split. A dataset with only a test split (svamp, gsm_hard,
+    math500 locally) is cut into disjoint parts of it with ``split_examples`` (seed 0).
+    """
+    need = train + val
+    spec = DATASETS.get(name)
+    folder = resolve_data_dir(data_dir)
+    has_train = name == GENERATED_DATASET or (
+        spec is not None and ((folder / name / "train.jsonl").is_file() if folder is not None else "train" in spec.hub_splits)
+    )
+    if has_train:
+        pool = load_dataset(name, "train", data_dir=data_dir, limit=need) if need else []
+        tests = load_dataset(name, "test", data_dir=data_dir, limit=test) if test != 0 else []
+    else:
+        everything = load_dataset(name, "test", data_dir=data_dir)
+        if test is None:
+            test = len(everything) - need
+        if need + test > len(everything):
+            raise DataError(f"{name} has {len(everything)} questions; asked for {need} to train and validate and {test} to test")
+        pool, tests = split_examples(everything, [need, test], seed=0)
+    if len(pool) < need:
+        raise DataError(f"{name} has {len(pool)} training questions; asked for {train} + {val}")
+    return pool[:train], pool[train:need], tests

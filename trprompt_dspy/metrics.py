@@ -335,6 +335,7 @@ METRICS: dict[str, Callable[..., bool]] = {
     "gsm_hard": gsm_hard_metric,
     "math": math_metric,
     "math500": math_metric,
+    "words": gsm8k_metric,  # integer answers, like GSM8K
 }
 
 

@@ -45,7 +45,7 @@ ROLES = ("prompter", "target", "critic", "optimizer")
 # other values (more threads, no progress bars, another device)
 _NOT_FINGERPRINTED = frozenset({
     "progress", "max_server_restarts", "val_num_threads", "num_threads", "cpu_threads", "device",
-    "gradient_checkpointing", "overwrite", "straggler_timeout_s",
+    "gradient_checkpointing", "overwrite", "straggler_timeout_s", "micro_batch_size",
 })
 
 

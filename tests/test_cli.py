@@ -1,0 +1,103 @@
+"""The ``trprompt`` command: argument and input errors give one message and exit status 2;
+``trprompt demo --tiny`` runs the whole main job (real vLLM, trl, TextGrad) on the tiny model."""
+
+import json
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from trprompt_dspy.cli import main
+from trprompt_dspy.config_file import ConfigError, config_from_dict, load_config
+
+
+def _error(capsys, argv) -> str:
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "Traceback" not in err and err.startswith("trprompt: error:"), err
+    return err
+
+
+def test_user_mistakes_give_one_clear_message(capsys, tmp_path, monkeypatch, shared_data_dir):
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    assert "unknown dataset 'nope'" in _error(capsys, ["demo", "--dataset", "nope"])
+    assert "unknown dataset 'nope'" in _error(capsys, ["compile", "--dataset", "nope"])
+    assert "no such file" in _error(capsys, ["compile", "--file", str(tmp_path / "missing.jsonl")])
+    assert "no such config file" in _error(capsys, ["compile", "--config", str(tmp_path / "c.toml")])
+    assert "not a saved TRPrompt program" in _error(capsys, ["evaluate", str(tmp_path)])
+    assert "needs OPENAI_API_KEY" in _error(capsys, [
+        "compile", "--data-dir", str(shared_data_dir), "--train-size", "2", "--val-size", "0",
+        "--critic-model", "openai/gpt-4o-mini"])
+    assert "does not exist" in _error(capsys, [
+        "compile", "--data-dir", str(shared_data_dir), "--train-size", "2", "--val-size", "0",
+        "--model", str(tmp_path / "no-model"), "--log-dir", str(tmp_path / "run")])
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert f"port {port}" in _error(capsys, [
+            "compile", "--data-dir", str(shared_data_dir), "--train-size", "2", "--val-size", "0",
+            "--port", str(port), "--log-dir", str(tmp_path / "run2")])
+    bad = tmp_path / "bad.toml"
+    bad.write_text("rounds = 2\nroundz = 3\n")
+    assert "unknown setting(s) roundz" in _error(capsys, ["compile", "--config", str(bad)])
+    (tmp_path / "run3").mkdir()
+    assert "holds no run to continue" in _error(capsys, [
+        "compile", "--data-dir", str(shared_data_dir), "--train-size", "2", "--val-size", "0",
+        "--resume", "--log-dir", str(tmp_path / "run3")])
+    # argparse's own errors (status 2 as well)
+    with pytest.raises(SystemExit) as exc:
+        main(["demo", "--train", "0"])
+    assert exc.value.code == 2 and "positive integer" in capsys.readouterr().err
+
+
+def test_config_files_in_toml_and_yaml(tmp_path):
+    toml = tmp_path / "c.toml"
+    toml.write_text('rounds = 3\nrebalance = "balance"\n[rollout]\nn_samples = 2\n[finetune]\nlora_r = 8\n'
+                    'target_modules = ["q_proj", "v_proj"]\n[search]\nsteps = 2\n')
+    config = load_config(toml, rounds=1)
+    assert config.rounds == 1 and config.rebalance == "balance" and config.rollout.n_samples == 2
+    assert config.finetune.lora_r == 8 and config.finetune.target_modules == ["q_proj", "v_proj"]
+    assert config.search.steps == 2
+    yaml = tmp_path / "c.yaml"
+    yaml.write_text("rounds: 2\nsearch:\n  minibatch_size: 4\n  patience: null\n")
+    config = load_config(yaml)
+    assert config.search.minibatch_size == 4 and config.search.patience is None
+    (tmp_path / "x.yaml").write_text("!!python/object/apply:os.system ['echo hacked']\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(tmp_path / "x.yaml")  # safe_load: no object construction
+
+
+@pytest.mark.parametrize("data, message", [
+    ({"roundz": 1}, "unknown setting"),
+    ({"rounds": "2"}, "expected an integer"),
+    ({"rounds": -1}, "rounds must be a positive int"),
+    ({"rollout": {"n_samples": 0}}, "n_samples must be a positive int"),
+    ({"search": {"steps": 1.5}}, "expected an integer"),
+    ({"finetune": 3}, "must be a table"),
+    ({"rollout": {"temperature": "hot"}}, "expected a number"),
+    ({"update_reward": "yes"}, "expected true or false"),
+    ({"finetune": {"overlength": "cut"}}, "must be one of"),
+])
+def test_bad_config_values_are_refused(data, message):
+    with pytest.raises(ConfigError, match=message):
+        config_from_dict(data)
+
+
+def test_demo_tiny_runs_the_main_job_end_to_end(tmp_path, shared_data_dir):
+    run = tmp_path / "demo"
+    proc = subprocess.run(
+        [sys.executable, "-m", "trprompt_dspy", "demo", "--tiny", "--log-dir", str(run), "--data-dir", str(shared_data_dir)],
+        capture_output=True, text=True, timeout=900,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    results = json.loads((run / "results.json").read_text())
+    assert list(results["methods"]) == ["zero-shot", "zero-shot CoT", "untrained prompter", "TRPrompt (compiled)"]
+    for r in results["methods"].values():
+        assert r["n"] == 3 and 0.0 <= r["accuracy"] <= 1.0
+    report = json.loads((run / "compile" / "report.json").read_text())
+    assert [r["round"] for r in report["rounds"]] == [1, 2]
+    assert (run / "compile" / "report.png").is_file() and (run / "program" / "manifest.json").is_file()
+    assert "TRPrompt (compiled)" in proc.stdout and "trprompt evaluate" in proc.stdout
