@@ -32,6 +32,10 @@ def candidates(n: int, data_dir: str) -> dict:
         "words (add/sub/mul/div, operands <= 20)": word_problems(n, split="test"),
         "words (add/sub, operands <= 20)": word_problems(n, split="test", operations=("add", "sub")),
         "words (add/sub, operands <= 10)": word_problems(n, split="test", operations=("add", "sub"), max_number=10),
+        "words (compare, operands <= 20)": word_problems(n, split="test", operations=("compare",)),
+        "words (add, operands <= 5)": word_problems(n, split="test", operations=("add",), max_number=5),
+        "words (add/compare, operands <= 10) = the demo's 'words'": word_problems(
+            n, split="test", operations=("add", "compare"), max_number=10),
         "svamp, one-operation questions": one_op[:n],
         "svamp": svamp[:n],
         "gsm8k": load_dataset("gsm8k", "test", data_dir=data_dir, limit=n),

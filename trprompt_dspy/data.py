@@ -254,8 +254,9 @@ def load_dataset(
 
     Args:
         name: one of ``DATASETS`` (gsm8k, gsm_hard, math, math500, svamp), or ``"words"``:
-            one-step arithmetic word problems the library generates (``tasks.word_problems``,
-            seed 0; ``limit`` questions, 200 by default), no file or network needed.
+            one-step word problems the library generates (``tasks.word_problems`` with
+            ``tasks.DEMO_OPERATIONS``, seed 0; ``limit`` questions, 200 by default), no file or
+            network needed.
         split: ``train`` or ``test`` (what the dataset has; see ``DATASETS[name].local_splits``).
         data_dir: a local folder laid out like ``../shared/data``; default ``$TRPROMPT_DATA_DIR``;
             when neither is set the dataset comes from the hub by its public name.
@@ -273,7 +274,10 @@ def load_dataset(
 
         if split not in ("train", "test"):
             raise DataError(f"{name} has splits train and test, not {split!r}")
-        return word_problems(limit or GENERATED_DEFAULT_SIZE, split=split)
+        from .tasks import DEMO_MAX_NUMBER, DEMO_OPERATIONS
+
+        return word_problems(limit or GENERATED_DEFAULT_SIZE, split=split, operations=DEMO_OPERATIONS,
+                             max_number=DEMO_MAX_NUMBER)
     spec = DATASETS[name]
     folder = resolve_data_dir(data_dir)
     if folder is not None:
