@@ -33,6 +33,7 @@ def warm_rollout_calls(tele, train, config, folder: str) -> dict:
 
     import trprompt_dspy as t
     from trprompt_dspy.rollout import run_rollout
+    from trprompt_dspy.structured import SafeJSONAdapter
     from trprompt_dspy.usage import UsageMeter
 
     shutil.rmtree(folder, ignore_errors=True)
@@ -42,7 +43,7 @@ def warm_rollout_calls(tele, train, config, folder: str) -> dict:
     critic = t.TextualCritic(lm=tele.critic_lm)
     meter = UsageMeter()
     start = time.perf_counter()
-    with dspy.context(adapter=dspy.JSONAdapter()), meter.stage("warm/rollout"):
+    with dspy.context(adapter=SafeJSONAdapter()), meter.stage("warm/rollout"):
         result = run_rollout(program.prompter, program.solver, critic, train, tele.metric, reward=config.initial_reward,
                              round_index=1, config=config.rollout, records_path=Path(folder) / "records.jsonl")
     return {"records": len(result.records), "lm_calls": meter.totals()["calls"],

@@ -20,6 +20,7 @@ from pathlib import Path
 import dspy
 
 import trprompt_dspy as t
+from trprompt_dspy.structured import SafeJSONAdapter
 from trprompt_dspy.data import load_file, split_examples
 from trprompt_dspy.metrics import gsm8k_metric
 
@@ -86,7 +87,7 @@ def main() -> None:
         judge.set_lm(lm)  # the judge runs on the local model too
         tele = t.TRPromptTeleprompter(server=server, metric=metric, config=config, log_dir="runs/custom-task")
         compiled = tele.compile(program, trainset=train, valset=val)
-        with dspy.context(lm=lm, adapter=dspy.JSONAdapter()):
+        with dspy.context(lm=lm, adapter=SafeJSONAdapter()):
             for ex in val[:2]:
                 out = compiled(question=ex.question)
                 print(f"{ex.question!r}\n  prompt: {out.prompt!r}\n  rewrite: {out.answer!r}")

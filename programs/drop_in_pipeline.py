@@ -12,6 +12,7 @@ import sys
 import dspy
 
 import trprompt_dspy as t
+from trprompt_dspy.structured import SafeJSONAdapter
 from trprompt_dspy.compiled import serve_prompters
 
 
@@ -40,7 +41,7 @@ def main() -> int:
     compiled.load(folder)                          # JSON + safetensors, never a pickle
     pipeline = SolveAndVerify(compiled.prompter)
     server = serve_prompters(pipeline)             # starts vLLM on the adapter's base model, loads the adapter
-    with server, dspy.context(lm=server.lm(structured=True, max_tokens=384), adapter=dspy.JSONAdapter()):
+    with server, dspy.context(lm=server.lm(structured=True, max_tokens=384), adapter=SafeJSONAdapter()):
         out = pipeline(question=question)
     print(f"prompt:   {out.prompt}\nanswer:   {out.answer}\nverified: {out.verified}")
     return 0

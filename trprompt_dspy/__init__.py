@@ -26,7 +26,7 @@ from .reward_search import RewardSearchConfig, RewardSearchResult, search_reward
 from .rollout import RolloutConfig, run_rollout  # noqa: E402
 from .serving import ServerConfig, VLLMServer  # noqa: E402
 from .signatures import CritiquePrompt, GeneratePrompt, SolveWithPrompt  # noqa: E402
-from .structured import StructuredLM  # noqa: E402
+from .structured import SafeJSONAdapter, StructuredLM  # noqa: E402
 from .teleprompter import TRPromptConfig, TRPromptTeleprompter  # noqa: E402
 
 __version__ = "0.1.0"
@@ -42,6 +42,7 @@ __all__ = [
     "RewardSearchResult",
     "RolloutConfig",
     "RolloutRecord",
+    "SafeJSONAdapter",
     "ServerConfig",
     "Solver",
     "SolveWithPrompt",

@@ -190,6 +190,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     from .compiled import serve_prompters
     from .evaluation import evaluate
     from .serving import ServerConfig
+    from .structured import SafeJSONAdapter
 
     program, manifest = _load_program(args.program)
     examples = _load_examples(args, split=args.split, limit=args.n)
@@ -200,7 +201,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     with server:
         serve_prompters(program, server, **lm_kwargs)
         program.solver.set_lm(target or server.lm(structured=True, temperature=0.0, **lm_kwargs))
-        with dspy.context(adapter=dspy.JSONAdapter()):
+        with dspy.context(adapter=SafeJSONAdapter()):
             report = evaluate(program, examples, metric, num_threads=args.num_threads)
     source = args.file or f"{args.dataset} {args.split}"
     print(f"{source}: accuracy {report.accuracy:.1%} ({report.n_correct}/{report.n}, {report.n_errors} unparsed), 1 run")

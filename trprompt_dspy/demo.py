@@ -23,6 +23,7 @@ from .prompts import ZERO_SHOT_COT_PROMPT
 from .reward_search import RewardSearchConfig
 from .rollout import RolloutConfig
 from .runs import atomic_write_json
+from .structured import SafeJSONAdapter
 from .teleprompter import TRPromptConfig
 
 
@@ -149,7 +150,7 @@ def run_demo(settings: DemoSettings, console: Any = None) -> dict[str, Any]:
         def measure(name: str, program: dspy.Module) -> None:
             console.print(f"evaluating [bold]{name}[/bold] on {len(test)} test questions...")
             t0 = time.perf_counter()
-            with dspy.context(lm=lm, adapter=dspy.JSONAdapter()):
+            with dspy.context(lm=lm, adapter=SafeJSONAdapter()):
                 report = evaluate(program, test, metric, num_threads=threads)
             results["methods"][name] = {**report.to_dict(), "wall_s": round(time.perf_counter() - t0, 1)}
             atomic_write_json(run_dir / "results.json", results)

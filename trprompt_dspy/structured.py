@@ -144,3 +144,27 @@ class StructuredLM(dspy.LM):
         state = super().dump_state()
         state["max_string_length"] = self.max_string_length
         return state
+
+
+class SafeJSONAdapter(dspy.JSONAdapter):
+    """``dspy.JSONAdapter`` whose ``parse`` fails only with ``AdapterParseError``.
+
+    DSPy's JSON repair raises a bare ``ValueError`` on deeply nested replies (found by
+    ``tests/faults/test_fuzz.py`` with ``"{" * 3000``). The rollout, the evaluation and the
+    reward search treat an ``AdapterParseError`` as an unparseable answer (scored wrong and
+    counted); any other exception would count as a failed call instead. Used wherever this
+    library picks the adapter; behaves exactly like ``JSONAdapter`` otherwise.
+    """
+
+    def parse(self, signature: Any, completion: str) -> dict[str, Any]:
+        from dspy.utils.exceptions import AdapterParseError
+
+        try:
+            return super().parse(signature, completion)
+        except AdapterParseError:
+            raise
+        except (ValueError, TypeError, RecursionError) as exc:
+            raise AdapterParseError(
+                adapter_name="JSONAdapter", signature=signature, lm_response=str(completion)[:2000],
+                message=f"unparseable reply ({type(exc).__name__}: {str(exc)[:200]})",
+            ) from None

@@ -35,6 +35,7 @@ from .prompts import INITIAL_REWARD
 from .reward_search import RewardSearchConfig, search_reward
 from .rollout import RolloutConfig, numeric_reward, records_path_for, run_rollout
 from .runs import RunFolder, atomic_write_json, versions
+from .structured import SafeJSONAdapter
 from .usage import LMBusyClock, UsageMeter
 
 logger = logging.getLogger(__name__)
@@ -252,7 +253,7 @@ class TRPromptTeleprompter(Teleprompter):
         loop = _RoundLoop(self, run, meter, program, prompter, solver, critic, list(trainset), list(valset or []))
         settings: dict[str, Any] = {"callbacks": [*dspy.settings.get("callbacks", []), loop.clock]}
         if self.structured:
-            settings["adapter"] = dspy.JSONAdapter()
+            settings["adapter"] = SafeJSONAdapter()
         with dspy.context(**settings):
             loop.run()
         program._compiled = True
