@@ -323,28 +323,30 @@ class _RoundLoop:
 
     # ------------------------------------------------------------------ one round
 
-    def _stage(self, k: int, name: str, fn: Callable[[], Any]) -> tuple[Any, float, bool]:
+    def _stage(self, k: int, name: str, fn: Callable[[], Any], uses_server: bool = True) -> tuple[Any, float, bool]:
         """Run a stage unless the run folder marks it done; returns (result, seconds, resumed).
 
         If the local server died while the stage ran, its result is not trusted (requests failed
         for that reason, not the model's): the server is restarted and the stage runs again,
-        keeping what it had completed (rollout records, search trace).
+        keeping what it had completed (a rollout resumes from its records; a search starts over,
+        its finished LM calls answered from DSPy's cache when the cache is on).
         """
         key = f"round_{k}/{name}"
         if self.folder.is_done(key):
             return self.folder.result(key), 0.0, True
         t0, restarting_before = time.perf_counter(), self.server_start_s
         while True:
-            self._ensure_server(key)
+            if uses_server:
+                self._ensure_server(key)
             try:
                 with self.meter.stage(key):
                     result = fn()
             except Exception as exc:
-                if self.tele.server.running:
+                if self.tele.server.running or not uses_server:
                     raise
                 logger.warning("%s failed while the vLLM server was down (%s: %s)", key, type(exc).__name__, exc)
                 continue
-            if self.tele.server.running:
+            if self.tele.server.running or not uses_server:
                 break
             logger.warning("the vLLM server died during %s; its result is discarded and the stage runs again", key)
         # the time spent restarting the server is counted as server start, not as the stage
@@ -377,7 +379,8 @@ class _RoundLoop:
 
         rollout, _, _ = self._stage(k, "rollout", lambda: self._rollout(k, round_dir))
         row["rollout"] = rollout
-        finetune, seconds, _ = self._stage(k, "finetune", lambda: self._finetune(k, round_dir))
+        # SFT does not use the server: if it dies meanwhile, it is restarted before the adapter is served
+        finetune, seconds, _ = self._stage(k, "finetune", lambda: self._finetune(k, round_dir), uses_server=False)
         self.training_s += seconds  # 0 for a stage resumed from an earlier process
         row["finetune"] = finetune
         self._ensure_server(f"round_{k}/serve_adapter")
