@@ -304,6 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``trprompt`` console script."""
+    from .compiled import UnsafeAdapterError
     from .config_file import ConfigError
     from .data import DataError
     from .models import ModelNotAvailableError
@@ -315,7 +316,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("TEXTGRAD_DISABLE_LOGGING", "1")
     try:
         return args.func(args)
-    except (UserError, ConfigError, DataError, ModelNotAvailableError, RunFolderError, ServerError, FileNotFoundError) as exc:
+    except (UserError, ConfigError, DataError, ModelNotAvailableError, RunFolderError, ServerError, FileNotFoundError,
+            UnsafeAdapterError) as exc:
         print(f"trprompt: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

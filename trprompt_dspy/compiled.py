@@ -106,9 +106,41 @@ def _take_structured_lms(state: dict, allow_unsafe_lm_state: bool) -> dict[str, 
     return rebuilt
 
 
-def load_compiled(program: dspy.Module, folder: str | os.PathLike, *, allow_unsafe_lm_state: bool = False) -> dspy.Module:
+#: weight files that are pickles (torch.load): never loaded unless the user allows it
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+
+
+class UnsafeAdapterError(RuntimeError):
+    """An adapter folder holds pickled weights and the caller did not allow pickles."""
+
+
+def check_adapter_files(path: Path, *, allow_pickle: bool = False) -> None:
+    """Refuse an adapter whose weights are pickles (a pickle can run code when loaded)."""
+    pickles = sorted(p.name for p in path.iterdir() if p.is_file() and p.name.lower().endswith(PICKLE_SUFFIXES))
+    if pickles and not allow_pickle:
+        raise UnsafeAdapterError(
+            f"adapter {path} holds pickled files ({', '.join(pickles)}): loading them can run code. "
+            "Convert the adapter to safetensors, or pass allow_pickle=True if you trust its source."
+        )
+    if not pickles and not (path / "adapter_model.safetensors").is_file():
+        raise FileNotFoundError(f"adapter {path} has no adapter_model.safetensors")
+
+
+def load_compiled(
+    program: dspy.Module,
+    folder: str | os.PathLike,
+    *,
+    allow_unsafe_lm_state: bool = False,
+    allow_pickle: bool = False,
+) -> dspy.Module:
     """Load ``folder`` (written by ``save_compiled``) into ``program``; adapter paths become
-    absolute paths inside ``folder``. Never unpickles anything."""
+    absolute paths inside ``folder``. Never unpickles anything: the state is JSON, and an adapter
+    with pickled weights (``.bin``, ``.pt``...) is refused unless ``allow_pickle=True``.
+
+    Raises:
+        FileNotFoundError: not a saved program, or an adapter is missing.
+        UnsafeAdapterError: an adapter holds pickles and ``allow_pickle`` is False.
+    """
     import orjson
 
     folder = Path(folder)
@@ -129,6 +161,7 @@ def load_compiled(program: dspy.Module, folder: str | os.PathLike, *, allow_unsa
             path = path if path.is_absolute() else folder / path
             if not (path / "adapter_config.json").is_file():
                 raise FileNotFoundError(f"the adapter {predictor.adapter['name']!r} is missing from {path}")
+            check_adapter_files(path, allow_pickle=allow_pickle)
             predictor.adapter = {**predictor.adapter, "path": str(path.resolve())}
     return program
 

@@ -217,6 +217,6 @@ class TRPromptProgram(dspy.Module):
         if path.is_dir():
             from .compiled import load_compiled
 
-            load_compiled(self, path, allow_unsafe_lm_state=allow_unsafe_lm_state)
+            load_compiled(self, path, allow_unsafe_lm_state=allow_unsafe_lm_state, allow_pickle=allow_pickle)
             return
         super().load(path, allow_pickle=allow_pickle, allow_unsafe_lm_state=allow_unsafe_lm_state)

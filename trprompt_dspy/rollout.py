@@ -24,7 +24,7 @@ from .finetune import RolloutRecord
 from .modules import QueryAwarePrompter, Solver, TextualCritic
 from .parallel import run_parallel
 from .prompts import NUMERIC_REWARD_TEMPLATE
-from .runs import JsonlAppender, read_jsonl
+from .runs import JsonlAppender, RunFolderError, read_jsonl
 
 logger = logging.getLogger(__name__)
 
@@ -179,6 +179,10 @@ def run_rollout(
         return record
 
     batch = run_parallel(one, todo, num_threads=config.num_threads, progress=progress, desc=f"rollout round {round_index}")
+    unwritable = [e for e in batch.errors.values() if isinstance(e, RunFolderError)]
+    if unwritable:
+        # records that cannot be saved would be generated again on resume: stop, do not go on
+        raise RunFolderError(f"{len(unwritable)} rollout records could not be saved: {unwritable[0]}")
     new = [r for r in batch.outputs if r is not None]
     # question order, then sample order: the same order whether records were resumed or not
     position = {ex_id: i for i, ex_id in enumerate(ids)}

@@ -17,6 +17,7 @@ place, so a crash leaves either the old file or the new one, never half of one.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -71,11 +72,23 @@ class JsonlAppender:
         self._lock = threading.Lock()
 
     def append(self, obj: Any) -> None:
+        """Append one line; on a write error (disk full...) the file is cut back to its previous
+        end, so no half line is left between complete ones, and ``RunFolderError`` is raised."""
         line = json.dumps(obj, ensure_ascii=False, default=str) + "\n"
-        with self._lock, open(self.path, "a", encoding="utf-8") as f:
-            f.write(line)
-            f.flush()
-            os.fsync(f.fileno())
+        with self._lock:
+            try:
+                with open(self.path, "a", encoding="utf-8") as f:
+                    end = f.tell()
+                    try:
+                        f.write(line)
+                        f.flush()
+                        os.fsync(f.fileno())
+                    except OSError:
+                        with contextlib.suppress(OSError):
+                            f.truncate(end)
+                        raise
+            except OSError as exc:
+                raise RunFolderError(f"cannot write {self.path}: {exc.strerror or exc}") from exc
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
@@ -149,8 +162,16 @@ class RunFolder:
     def mark_done(self, stage: str, result: Any = None) -> None:
         """Record a stage as complete (atomically, after its artifacts are written)."""
         with self._lock:
-            self._stages[stage] = result
-            atomic_write_json(self.path / self.STAGES_FILE, self._stages)
+            stages = {**self._stages, stage: result}
+            try:
+                atomic_write_json(self.path / self.STAGES_FILE, stages)
+            except OSError as exc:
+                raise RunFolderError(
+                    f"cannot record that {stage} is done in {self.path} ({exc.strerror or exc}); its artifacts are "
+                    "written -- free space (or fix the folder's permissions) and compile again with the same "
+                    "log_dir: the run resumes from its last recorded stage"
+                ) from exc
+            self._stages = stages
 
     @property
     def completed(self) -> list[str]:

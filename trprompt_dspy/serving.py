@@ -436,7 +436,7 @@ class VLLMServer:
             finally:
                 self._restart_port = None
             for name, path in adapters.items():
-                self.load_adapter(name, path)
+                self.load_adapter(name, path, allow_pickle=True)  # vetted when first loaded
             self.restarts += 1
             return self.ready_seconds or 0.0
 
@@ -636,7 +636,7 @@ class VLLMServer:
         """How many adapters may be loaded at once (``max_loras - 1``, see :class:`ServerConfig`)."""
         return self.config.max_loras - 1
 
-    def load_adapter(self, name: str, path: str | os.PathLike) -> str:
+    def load_adapter(self, name: str, path: str | os.PathLike, *, allow_pickle: bool = False) -> str:
         """Load a peft LoRA adapter into the running server under ``name``.
 
         Args:
@@ -644,6 +644,8 @@ class VLLMServer:
                 an adapter before reusing its name. DSPy's response cache is keyed by name, so a
                 retrained adapter should get a new name (see :func:`adapter_fingerprint`).
             path: folder written by ``peft`` (``adapter_config.json`` + weights).
+            allow_pickle: load pickled weights (``adapter_model.bin``...), which can run code;
+                refused by default (safetensors only).
 
         Returns:
             ``name``.
@@ -661,6 +663,12 @@ class VLLMServer:
         config_file = folder / "adapter_config.json"
         if not config_file.is_file():
             raise AdapterError(f"{folder} is not a peft adapter folder (no adapter_config.json)")
+        from trprompt_dspy.compiled import UnsafeAdapterError, check_adapter_files
+
+        try:
+            check_adapter_files(folder, allow_pickle=allow_pickle)
+        except (UnsafeAdapterError, FileNotFoundError) as error:
+            raise AdapterError(str(error)) from None
         try:
             rank = int(json.loads(config_file.read_text()).get("r", 0))
         except (ValueError, TypeError) as error:
