@@ -86,12 +86,18 @@ def test_bad_config_values_are_refused(data, message):
         config_from_dict(data)
 
 
-def test_demo_tiny_runs_the_main_job_end_to_end(tmp_path, shared_data_dir):
-    run = tmp_path / "demo"
+@pytest.fixture(scope="module")
+def tiny_demo(tmp_path_factory, shared_data_dir):
+    run = tmp_path_factory.mktemp("cli") / "demo"
     proc = subprocess.run(
         [sys.executable, "-m", "trprompt_dspy", "demo", "--tiny", "--log-dir", str(run), "--data-dir", str(shared_data_dir)],
         capture_output=True, text=True, timeout=900,
     )
+    return run, proc
+
+
+def test_demo_tiny_runs_the_main_job_end_to_end(tiny_demo):
+    run, proc = tiny_demo
     assert proc.returncode == 0, proc.stderr[-4000:]
     results = json.loads((run / "results.json").read_text())
     assert list(results["methods"]) == ["zero-shot", "zero-shot CoT", "untrained prompter", "TRPrompt (compiled)"]
@@ -101,3 +107,34 @@ def test_demo_tiny_runs_the_main_job_end_to_end(tmp_path, shared_data_dir):
     assert [r["round"] for r in report["rounds"]] == [1, 2]
     assert (run / "compile" / "report.png").is_file() and (run / "program" / "manifest.json").is_file()
     assert "TRPrompt (compiled)" in proc.stdout and "trprompt evaluate" in proc.stdout
+
+
+def test_evaluate_and_serve_a_saved_program(tiny_demo, tmp_path):
+    run, proc = tiny_demo
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    program = run / "program"
+    out = tmp_path / "eval.json"
+    ev = subprocess.run(
+        [sys.executable, "-m", "trprompt_dspy", "evaluate", str(program), "--dataset", "words", "--n", "3",
+         "--max-tokens", "96", "--out", str(out)],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert ev.returncode == 0, ev.stderr[-4000:]
+    assert "words test: accuracy" in ev.stdout and json.loads(out.read_text())["n"] == 3
+
+    serve = subprocess.Popen([sys.executable, "-m", "trprompt_dspy", "serve", str(program)],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        lines = []
+        for line in serve.stdout:  # blocks until the server is up and the endpoint is printed
+            lines.append(line)
+            if "Ctrl-C stops the server" in line:
+                break
+        text = "".join(lines)
+        assert "serving on http://127.0.0.1:" in text and "prompter adapter(s): prompter-r2-" in text, text
+        serve.send_signal(__import__("signal").SIGINT)
+        assert serve.wait(timeout=60) == 0
+    finally:
+        if serve.poll() is None:
+            serve.kill()
+            serve.wait()
