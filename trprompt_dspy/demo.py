@@ -19,7 +19,6 @@ import dspy
 from .data import train_val_test
 from .finetune import FinetuneConfig
 from .metrics import metric_for
-from .prompts import ZERO_SHOT_COT_PROMPT
 from .reward_search import RewardSearchConfig
 from .rollout import RolloutConfig
 from .runs import atomic_write_json
@@ -52,19 +51,6 @@ class DemoSettings:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
-
-
-class ZeroShotCoT(dspy.Module):
-    """The zero-shot chain-of-thought baseline: the Solver with "Let's think step by step."."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        from .modules import Solver
-
-        self.solver = Solver()
-
-    def forward(self, question: str) -> dspy.Prediction:
-        return self.solver(question=question, prompt=ZERO_SHOT_COT_PROMPT)
 
 
 def demo_config(settings: DemoSettings) -> TRPromptConfig:
@@ -113,8 +99,9 @@ def run_demo(settings: DemoSettings, console: Any = None) -> dict[str, Any]:
     """
     from rich.console import Console
 
+    from .baselines import ZeroShot, ZeroShotCoT, untrained_prompter
     from .evaluation import evaluate
-    from .modules import Solver, TRPromptProgram
+    from .modules import TRPromptProgram
     from .serving import ServerConfig, VLLMServer
     from .teleprompter import TRPromptTeleprompter
 
@@ -155,9 +142,9 @@ def run_demo(settings: DemoSettings, console: Any = None) -> dict[str, Any]:
             results["methods"][name] = {**report.to_dict(), "wall_s": round(time.perf_counter() - t0, 1)}
             atomic_write_json(run_dir / "results.json", results)
 
-        measure("zero-shot", Solver())
+        measure("zero-shot", ZeroShot())
         measure("zero-shot CoT", ZeroShotCoT())
-        measure("untrained prompter", TRPromptProgram())
+        measure("untrained prompter", untrained_prompter())
 
         console.print(f"compiling with TRPrompt: {settings.rounds} rounds of rollout, LoRA SFT and t* search...")
         t0 = time.perf_counter()

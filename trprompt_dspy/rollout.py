@@ -41,13 +41,16 @@ class RolloutConfig:
             them, so this is what makes a rollout fast.
         reward: ``"textual"`` (the critic writes a critique) or ``"numeric"`` (the paper's
             numeric-reward ablation: the record's reward is the score, formatted with
-            ``prompts.NUMERIC_REWARD_TEMPLATE``, and the critic is not called).
+            ``reward_template``, and the critic is not called).
+        reward_template: how a score is written as the reward text with ``reward="numeric"``
+            (``{score}`` is the score in [0, 1]); QPO uses its own wording.
     """
 
     n_samples: int = 4
     temperature: float = 1.0
     num_threads: int = 16
     reward: str = "textual"
+    reward_template: str = NUMERIC_REWARD_TEMPLATE
 
     def __post_init__(self) -> None:
         if not isinstance(self.n_samples, int) or self.n_samples < 1:
@@ -58,6 +61,10 @@ class RolloutConfig:
             raise ValueError(f"num_threads must be >= 1, got {self.num_threads}")
         if self.reward not in ("textual", "numeric"):
             raise ValueError(f"reward must be 'textual' or 'numeric', got {self.reward!r}")
+        try:
+            self.reward_template.format(score=1.0)
+        except (KeyError, IndexError, ValueError, AttributeError) as exc:
+            raise ValueError(f"reward_template must format with {{score}}, got {self.reward_template!r} ({exc})") from None
 
 
 @dataclasses.dataclass
@@ -82,9 +89,9 @@ class RolloutResult:
         }
 
 
-def numeric_reward(score: float) -> str:
-    """The reward text of the numeric-reward ablation for a score in [0, 1]."""
-    return NUMERIC_REWARD_TEMPLATE.format(score=float(score))
+def numeric_reward(score: float, template: str = NUMERIC_REWARD_TEMPLATE) -> str:
+    """The reward text of the numeric-reward ablation (or QPO's return) for a score in [0, 1]."""
+    return template.format(score=float(score))
 
 
 def _score(metric: Callable[..., Any], example: dspy.Example, prediction: Any) -> float:
@@ -163,7 +170,7 @@ def run_rollout(
             answer, reasoning, score = "", f"(the solver's reply could not be parsed: {str(exc)[:200]})", 0.0
         correct = score >= 1.0
         if config.reward == "numeric":
-            critique = numeric_reward(score)
+            critique = numeric_reward(score, config.reward_template)
         else:
             critique = critic(
                 question=example.question, prompt=prompt, solver_reasoning=reasoning, solver_answer=answer,

@@ -297,7 +297,7 @@ class _RoundLoop:
         self.restarts = 0
         self.report: dict[str, Any] = {"rounds": [], "log_dir": str(run.path)}
         if self.config.reward == "numeric":
-            self.reward = numeric_reward(1.0)
+            self.reward = numeric_reward(1.0, self.config.rollout.reward_template)
         else:
             self.reward = self.config.initial_reward
 
