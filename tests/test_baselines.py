@@ -81,3 +81,26 @@ def test_copro_instruction_answers_every_question(tiny_lm, questions, shared_dat
     program = copro_instruction(train, gsm8k_metric, prompt_lm=tiny_lm, breadth=2, depth=1, num_threads=4)
     assert program.solver.solve.signature.instructions  # an instruction was chosen
     _answers_everything(program, questions)
+
+
+def test_accuracy_benchmark_writes_json_table_and_plot(vllm_server, shared_data_dir, tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "accuracy.py"
+    proc = subprocess.run(
+        [sys.executable, str(script), "--model", vllm_server.model_path, "--dataset", "gsm8k", "--data-dir",
+         str(shared_data_dir), "--train", "4", "--val", "2", "--test", "3", "--methods", "zero-shot,qpo,textgrad-instruction",
+         "--num-threads", "4", "--name", "tiny", "--out-dir", str(tmp_path / "out"), "--runs-dir", str(tmp_path / "runs")],
+        capture_output=True, text=True, timeout=900,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    results = json.loads((tmp_path / "out" / "accuracy-tiny.json").read_text())
+    assert list(results["methods"]) == ["zero-shot", "qpo", "textgrad-instruction"]
+    for row in results["methods"].values():
+        assert row["n"] == 3 and row["ci95"][0] <= row["accuracy"] <= row["ci95"][1]
+    assert results["methods"]["qpo"]["lm_calls"] > 0  # training calls are counted
+    table = (tmp_path / "out" / "accuracy-tiny.md").read_text()
+    assert "| QPO (re-impl.) |" in table and "95% interval" in table
+    assert (tmp_path / "out" / "accuracy-tiny.png").stat().st_size > 1000
