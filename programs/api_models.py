@@ -44,7 +44,8 @@ def main() -> int:
         )
         compiled = tele.compile(t.TRPromptProgram(), trainset=train, valset=val)
         compiled.save("runs/api-models/program")   # no API key is written: LMs are saved by name only
-        report = t.evaluate(compiled, test, gsm8k_metric)
+        with dspy.context(adapter=t.SafeJSONAdapter()):
+            report = t.evaluate(compiled, test, gsm8k_metric)
     print(f"GSM8K test, {report.n} questions, solver {args.model}: {report.accuracy:.1%}")
     return 0
 

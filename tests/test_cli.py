@@ -138,3 +138,22 @@ def test_evaluate_and_serve_a_saved_program(tiny_demo, tmp_path):
         if serve.poll() is None:
             serve.kill()
             serve.wait()
+
+
+def test_example_programs_run(tiny_demo, monkeypatch):
+    from pathlib import Path
+
+    run, proc = tiny_demo
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    programs = Path(__file__).resolve().parents[1] / "programs"
+    # the compiled prompter inside a different DSPy pipeline, in a fresh process
+    drop_in = subprocess.run([sys.executable, str(programs / "drop_in_pipeline.py"), str(run / "program"),
+                              "Tom has 3 apples and buys 2 more. How many apples does he have?"],
+                             capture_output=True, text=True, timeout=600)
+    assert drop_in.returncode == 0, drop_in.stderr[-4000:]
+    assert "prompt:" in drop_in.stdout and "verified:" in drop_in.stdout
+    # API roles without a key: explains and exits 0, runs nothing
+    env = {k: v for k, v in __import__("os").environ.items() if k != "OPENAI_API_KEY"}
+    api = subprocess.run([sys.executable, str(programs / "api_models.py")], capture_output=True, text=True,
+                         timeout=300, env=env)
+    assert api.returncode == 0 and "needs OPENAI_API_KEY" in api.stdout, api.stdout + api.stderr[-2000:]

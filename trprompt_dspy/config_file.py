@@ -52,7 +52,10 @@ def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
     suffix = path.suffix.lower()
     try:
         if suffix == ".toml":
-            import tomllib
+            try:
+                import tomllib
+            except ModuleNotFoundError:  # Python 3.10
+                import tomli as tomllib
 
             data = tomllib.loads(text)
         elif suffix in (".yaml", ".yml"):
