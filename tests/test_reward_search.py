@@ -174,6 +174,19 @@ def test_parse_improved_variable(reply, value, reason):
     assert parse_improved_variable(reply, min_chars=10, max_chars=50) == (value, reason)
 
 
+@pytest.mark.parametrize(
+    ("value", "reason"),
+    [
+        ("{prompt}#" * 60, "not prose (a 540-character word)"),  # seen as t* with the 135M model
+        ("the prompt " * 20, "repetitive (2 distinct words of 40)"),
+        ("The prompt names the quantities and the operation, so the solver computed the right total.", None),
+    ],
+)
+def test_degenerate_proposals_are_rejected(value, reason):
+    parsed, why = parse_improved_variable(tagged(value), min_chars=10, max_chars=1000)
+    assert why == reason and (parsed is None) == (reason is not None)
+
+
 def test_bad_config_is_refused_with_a_clear_error():
     with pytest.raises(ValueError, match="minibatch_size must be a positive int"):
         RewardSearchConfig(minibatch_size=0)

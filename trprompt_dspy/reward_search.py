@@ -396,7 +396,8 @@ def parse_improved_variable(
     Returns:
         ``(value, None)`` for a usable value, else ``(None, reason)`` with reason one of
         ``"empty reply"``, ``"no <IMPROVED_VARIABLE> tags"``, ``"no closing </IMPROVED_VARIABLE>
-        tag (reply cut off?)"``, ``"empty"``, ``"too short (...)"``, ``"too long (...)"``.
+        tag (reply cut off?)"``, ``"empty"``, ``"too short (...)"``, ``"too long (...)"``,
+        ``"not prose (...)"``, ``"repetitive (...)"``.
     """
     start, end = tags
     if reply is None or not reply.strip():
@@ -415,7 +416,25 @@ def parse_improved_variable(
         return None, f"too long ({len(value)} chars > {max_chars})"
     if len(value) < min_chars:
         return None, f"too short ({len(value)} chars < {min_chars})"
+    degenerate = _degenerate(value)
+    if degenerate:
+        return None, degenerate
     return value, None
+
+
+def _degenerate(value: str) -> str | None:
+    """Why ``value`` is not prose a reviewer wrote, or None.
+
+    Seen with the 135M model: ``"{prompt}#{prompt}#..."`` (600 characters, no space) became t*,
+    accepted as a tie on a minibatch where every candidate scored 0.
+    """
+    words = value.split()
+    longest = max((len(w) for w in words), default=0)
+    if longest > 60:
+        return f"not prose (a {longest}-character word)"
+    if len(words) >= 12 and len(set(words)) / len(words) < 0.3:
+        return f"repetitive ({len(set(words))} distinct words of {len(words)})"
+    return None
 
 
 def _backward(loss: Any, engine: Any) -> None:
