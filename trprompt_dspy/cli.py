@@ -314,6 +314,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("TEXTGRAD_DISABLE_LOGGING", "1")
+    if not args.verbose:
+        # textgrad sets its logger to INFO and logs every prompt it builds; the console gets
+        # our progress bars and summaries instead
+        logging.getLogger("textgrad").setLevel(logging.WARNING)
     try:
         return args.func(args)
     except (UserError, ConfigError, DataError, ModelNotAvailableError, RunFolderError, ServerError, FileNotFoundError,
