@@ -9,10 +9,13 @@ wrong). ``KeyboardInterrupt`` is not caught.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import signal
+import threading
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Callable, Generic, Sequence, TypeVar
+from typing import Any, Callable, Generic, Iterator, Sequence, TypeVar
 
 from dspy.utils.parallelizer import ParallelExecutor
 
@@ -42,6 +45,45 @@ class BatchResult(Generic[T]):
         return dict(Counter(type(e).__name__ for e in self.errors.values()))
 
 
+#: set by :func:`watch_sigint` when Ctrl-C arrives; cleared when the watch starts
+INTERRUPTED = threading.Event()
+
+
+@contextlib.contextmanager
+def watch_sigint() -> Iterator[None]:
+    """Remember a Ctrl-C even when a library swallows the ``KeyboardInterrupt`` it raises.
+
+    Seen: a SIGINT landing inside an HTTP call of a rollout came back from litellm as an ordinary
+    exception, which counted as one failed item, and the compile went on. Inside this context a
+    SIGINT sets :data:`INTERRUPTED` (then raises ``KeyboardInterrupt`` as usual); batches and
+    stages check it and stop. Only the main thread can install a handler; elsewhere a no-op.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.getsignal(signal.SIGINT)
+
+    def handler(sig, frame):
+        INTERRUPTED.set()
+        if callable(previous):
+            previous(sig, frame)
+        else:
+            signal.default_int_handler(sig, frame)
+
+    INTERRUPTED.clear()
+    signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def check_interrupted() -> None:
+    """Raise ``KeyboardInterrupt`` if a Ctrl-C arrived under :func:`watch_sigint`."""
+    if INTERRUPTED.is_set():
+        raise KeyboardInterrupt("interrupted (Ctrl-C)")
+
+
 def run_parallel(
     fn: Callable[[Any], T],
     items: Sequence[Any],
@@ -66,6 +108,8 @@ def run_parallel(
         raise ValueError(f"num_threads must be at least 1, got {num_threads}")
 
     def guarded(item: Any) -> T | _Failed:
+        if INTERRUPTED.is_set():  # drain the queue fast after Ctrl-C
+            return _Failed(KeyboardInterrupt("interrupted (Ctrl-C)"))
         try:
             return fn(item)
         except Exception as exc:  # counted per item; the batch goes on
@@ -77,7 +121,12 @@ def run_parallel(
         disable_progress_bar=not progress,
         timeout=straggler_timeout,
     )
-    raw = executor.execute(guarded, list(items)) if items else []
+    try:
+        raw = executor.execute(guarded, list(items)) if items else []
+    except Exception:
+        check_interrupted()  # DSPy turns a cancelled batch into a plain Exception
+        raise
+    check_interrupted()
     result: BatchResult[T] = BatchResult(outputs=[None] * len(raw))
     for i, out in enumerate(raw):
         if isinstance(out, _Failed):

@@ -30,6 +30,7 @@ from dspy.teleprompt.teleprompt import Teleprompter
 
 from .evaluation import evaluate
 from .finetune import FinetuneConfig, RolloutRecord, finetune_prompter, read_records
+from .parallel import check_interrupted, watch_sigint
 from .modules import QueryAwarePrompter, Solver, TextualCritic
 from .prompts import INITIAL_REWARD
 from .reward_search import RewardSearchConfig, search_reward
@@ -254,7 +255,7 @@ class TRPromptTeleprompter(Teleprompter):
         settings: dict[str, Any] = {"callbacks": [*dspy.settings.get("callbacks", []), loop.clock]}
         if self.structured:
             settings["adapter"] = SafeJSONAdapter()
-        with dspy.context(**settings):
+        with dspy.context(**settings), watch_sigint():
             loop.run()
         program._compiled = True
         return program
@@ -342,10 +343,12 @@ class _RoundLoop:
                 with self.meter.stage(key):
                     result = fn()
             except Exception as exc:
+                check_interrupted()
                 if self.tele.server.running or not uses_server:
                     raise
                 logger.warning("%s failed while the vLLM server was down (%s: %s)", key, type(exc).__name__, exc)
                 continue
+            check_interrupted()  # a Ctrl-C swallowed inside the stage: never mark it done
             if self.tele.server.running or not uses_server:
                 break
             logger.warning("the vLLM server died during %s; its result is discarded and the stage runs again", key)
