@@ -69,3 +69,14 @@ def test_jsonl_torn_last_line_is_dropped_but_a_torn_middle_is_an_error(tmp_path)
     with pytest.raises(RunFolderError, match=r"r\.jsonl:3: not valid JSON"):
         read_jsonl(path)
     assert read_jsonl(tmp_path / "missing.jsonl") == []
+
+
+def test_jsonl_lines_may_hold_unicode_line_separators(tmp_path):
+    # json.dumps leaves U+2028 / U+0085 raw; str.splitlines() would cut the record there
+    from trprompt_dspy.runs import JsonlAppender, read_jsonl
+
+    rows = [{"prompt": "a\u2028b\u0085c\u2029d\x1ce"}, {"prompt": "ok"}]
+    appender = JsonlAppender(tmp_path / "r.jsonl")
+    for row in rows:
+        appender.append(row)
+    assert read_jsonl(tmp_path / "r.jsonl") == rows

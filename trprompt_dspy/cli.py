@@ -215,6 +215,15 @@ def _serve(args: argparse.Namespace) -> int:
     from .compiled import serve_prompters
     from .serving import ServerConfig
 
+    import signal
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+
+    # "Ctrl-C stops the server" must hold even when SIGINT was ignored by whoever started us
+    # (a background job of a script), and SIGTERM (systemd, docker stop) stops it the same way
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
     program, manifest = _load_program(args.program)
     server = _start_server(ServerConfig(model=_base_model(manifest), host=args.host, port=args.port))
     with server:
