@@ -207,8 +207,8 @@ def test_records_with_an_empty_prompt_or_critique_are_not_trained_on(tmp_path):
     assert [r.question for r in loop._training_records(1)] == ["q1"]
 
 
-def _kill_when(server, records, at_least: int, timeout_s: float = 300):
-    """A thread that SIGKILLs every process of ``server`` once ``records`` holds ``at_least`` rows."""
+def _kill_when(server, ready, timeout_s: float = 300):
+    """A thread that SIGKILLs every process of ``server`` once ``ready()`` is true."""
     import os
     import signal
     import threading
@@ -217,7 +217,7 @@ def _kill_when(server, records, at_least: int, timeout_s: float = 300):
     def watch():
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            if records.is_file() and len(read_jsonl(records)) >= at_least:
+            if ready():
                 for pid in server.pids():
                     try:
                         os.kill(pid, signal.SIGKILL)
@@ -229,6 +229,11 @@ def _kill_when(server, records, at_least: int, timeout_s: float = 300):
     thread = threading.Thread(target=watch, daemon=True)
     thread.start()
     return thread
+
+
+def _holds(records, at_least: int):
+    """A ``_kill_when`` condition: the records file holds ``at_least`` rows."""
+    return lambda: records.is_file() and len(read_jsonl(records)) >= at_least
 
 
 def test_server_killed_mid_rollout_is_restarted_or_stops_resumably(vllm_server, shared_data_dir, tmp_path):
@@ -247,7 +252,7 @@ def test_server_killed_mid_rollout_is_restarted_or_stops_resumably(vllm_server, 
 
     with t.VLLMServer(config) as server:
         # no restart allowed: a clear error, and what was done stays in the run folder
-        watcher = _kill_when(server, records, 3)
+        watcher = _kill_when(server, _holds(records, 3))
         with pytest.raises(ServerDiedError, match="compile again with the same log_dir"):
             tele(server, 0).compile(t.TRPromptProgram(), trainset=train)
         watcher.join()
@@ -256,7 +261,7 @@ def test_server_killed_mid_rollout_is_restarted_or_stops_resumably(vllm_server, 
 
         # the user restarts the server and resumes; the server dies again and is restarted
         server.restart()
-        watcher = _kill_when(server, records, len(first) + 2)
+        watcher = _kill_when(server, _holds(records, len(first) + 2))
         compiled = tele(server, 1).compile(t.TRPromptProgram(), trainset=train)
         watcher.join()
         assert server.running and server.restarts == 2

@@ -333,6 +333,7 @@ class VLLMServer:
         self._pgid: int | None = None
         self._watch_fd: int | None = None
         self._adapters: dict[str, str] = {}
+        self._pickle_allowed: set[str] = set()  # adapters the caller loaded with allow_pickle=True
         self._restart_port: int | None = None
         self.restarts = 0
         self._lock = threading.RLock()
@@ -423,7 +424,7 @@ class VLLMServer:
         """
         with self._lock:
             self._require_started()
-            adapters, port = dict(self._adapters), self.port
+            adapters, pickle_allowed, port = dict(self._adapters), set(self._pickle_allowed), self.port
             code = self._proc.poll()
             logger.warning(
                 "restarting the vLLM server on port %s (%s; log %s)", port,
@@ -436,7 +437,7 @@ class VLLMServer:
             finally:
                 self._restart_port = None
             for name, path in adapters.items():
-                self.load_adapter(name, path, allow_pickle=True)  # vetted when first loaded
+                self.load_adapter(name, path, allow_pickle=name in pickle_allowed)
             self.restarts += 1
             return self.ready_seconds or 0.0
 
@@ -595,6 +596,7 @@ class VLLMServer:
             self._watch_fd = None
             self._proc = None
             self._adapters.clear()
+            self._pickle_allowed.clear()
             _LIVE_SERVERS.discard(self)
             logger.info("vLLM server %s stopped", proc.pid)
 
@@ -691,6 +693,8 @@ class VLLMServer:
                 )
             self._post("/v1/load_lora_adapter", {"lora_name": name, "lora_path": str(folder)}, AdapterError)
             self._adapters[name] = str(folder)
+            if allow_pickle:
+                self._pickle_allowed.add(name)
         logger.info("loaded adapter %s from %s", name, folder)
         return name
 
@@ -706,6 +710,7 @@ class VLLMServer:
                 raise AdapterError(f"no adapter {name!r} is loaded (loaded: {sorted(self._adapters) or 'none'})")
             self._post("/v1/unload_lora_adapter", {"lora_name": name}, AdapterError)
             del self._adapters[name]
+            self._pickle_allowed.discard(name)
         logger.info("unloaded adapter %s", name)
 
     def _post(self, route: str, payload: dict, error_type: type[Exception]) -> str:

@@ -42,7 +42,6 @@ from .usage import LMBusyClock, UsageMeter
 logger = logging.getLogger(__name__)
 
 STAGES = ("rollout", "finetune", "reward_search", "validation")
-ROLES = ("prompter", "target", "critic", "optimizer")
 # settings that change how fast a run goes, not what it computes: a run may be resumed with
 # other values (more threads, no progress bars, another device)
 _NOT_FINGERPRINTED = frozenset({
@@ -402,11 +401,9 @@ class _RoundLoop:
             validation, _, _ = self._stage(k, "validation", lambda: self._validate(round_dir))
             row["validation"] = validation
         row["usage"] = {stage: self.meter.by_stage(f"round_{k}/{stage}") for stage in STAGES}
-        calls = sum(m["calls"] for roles in row["usage"].values() for models in roles.values() for m in models.values())
-        tokens = sum(
-            m["prompt_tokens"] + m["completion_tokens"]
-            for roles in row["usage"].values() for models in roles.values() for m in models.values()
-        )
+        counts = [m for roles in row["usage"].values() for models in roles.values() for m in models.values()]
+        calls = sum(m["calls"] for m in counts)
+        tokens = sum(m["prompt_tokens"] + m["completion_tokens"] for m in counts)
         self.report["rounds"].append(row)
         self._write_report()
         logger.warning(

@@ -4,11 +4,7 @@ compile restarts it, reloads the adapter and finishes; nothing completed is lost
 
 import dataclasses
 import json
-import os
-import signal
 import sys
-import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -18,25 +14,7 @@ from trprompt_dspy.data import load_dataset
 from trprompt_dspy.runs import read_jsonl
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from test_teleprompter import _tele  # noqa: E402
-
-
-def _kill_when(server, ready, timeout_s=300):
-    def watch():
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if ready():
-                for pid in server.pids():
-                    try:
-                        os.kill(pid, signal.SIGKILL)
-                    except ProcessLookupError:
-                        pass
-                return
-            time.sleep(0.05)
-
-    thread = threading.Thread(target=watch, daemon=True)
-    thread.start()
-    return thread
+from test_teleprompter import _kill_when, _tele  # noqa: E402
 
 
 def _done(log_dir, stage):
