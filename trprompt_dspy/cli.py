@@ -212,13 +212,21 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    import signal
+    import threading
+
     from .compiled import serve_prompters
     from .serving import ServerConfig
 
-    import signal
+    serving, stop_requested = threading.Event(), threading.Event()
 
     def stop(signum, frame):
-        raise KeyboardInterrupt
+        # While the server starts, a Ctrl-C aborts the start (exit 130). Once the endpoint is
+        # printed it only asks the loop below to stop: raising there could land between the
+        # print and the loop (seen in CI: a Ctrl-C sent right after the line exited with 130).
+        if stop_requested.is_set() or not serving.is_set():
+            raise KeyboardInterrupt
+        stop_requested.set()
 
     # "Ctrl-C stops the server" must hold even when SIGINT was ignored by whoever started us
     # (a background job of a script), and SIGTERM (systemd, docker stop) stops it the same way
@@ -229,16 +237,14 @@ def _serve(args: argparse.Namespace) -> int:
     with server:
         serve_prompters(program, server)
         names = sorted(server.adapters)
+        serving.set()
         print(f"serving on {server.api_base} (OpenAI-compatible)\n  base model: {server.served_model_name}\n"
               f"  prompter adapter(s): {', '.join(names)}\n  reward t*: {program.prompter.reward}\n"
               f"use it: dspy.LM('hosted_vllm/{names[0]}', api_base='{server.api_base}', api_key='local')\n"
               "Ctrl-C stops the server.", flush=True)
-        try:
-            while server.running:
-                time.sleep(1)
-        except KeyboardInterrupt:
+        while server.running and not stop_requested.wait(1.0):
             pass
-        if not server.running:
+        if not stop_requested.is_set():
             raise UserError(f"the server stopped; see its log {server.log_path}")
     return 0
 
