@@ -41,6 +41,11 @@ from trprompt_dspy.reward_search import (
 from trprompt_dspy.textgrad_engine import DSPyEngine, merge_extra_body, tg
 
 REPO = Path(__file__).resolve().parents[1]
+
+# The scripted engine below answers through DSPy 3.4's complete_legacy() hook because it needs
+# the raw request (temperature, extra_body) the library sent; DSPy warns on every call (about
+# 1000 warnings that buried the suite's output). dspy is pinned < 3.5 in pyproject.toml.
+pytestmark = pytest.mark.filterwarnings("ignore:The custom-engine complete_legacy:DeprecationWarning")
 TAG, END = "<IMPROVED_VARIABLE>", "</IMPROVED_VARIABLE>"
 
 
