@@ -7,8 +7,6 @@ On a GPU box pass --model with a bigger instruct model (e.g. Qwen/Qwen2.5-7B-Ins
 
 import argparse
 
-import dspy
-
 import trprompt_dspy as t
 from trprompt_dspy.data import train_val_test
 from trprompt_dspy.metrics import gsm8k_metric
@@ -26,7 +24,6 @@ with t.VLLMServer(model=args.model) as server:
                                   config=t.TRPromptConfig(rounds=2))
     compiled = tele.compile(t.TRPromptProgram(), trainset=train, valset=val)   # resumable: same log_dir
     compiled.save("runs/gsm8k/program")
-    with dspy.context(adapter=t.SafeJSONAdapter()):   # the JSON schemas the roles were trained with
-        report = t.evaluate(compiled, test, gsm8k_metric)
+    report = t.evaluate(compiled, test, gsm8k_metric)   # local roles pick the JSON adapter by themselves
 print(f"GSM8K test, first {report.n} questions: {report.accuracy:.1%} ({report.n_correct}/{report.n}), 1 run")
 print("t*:", compiled.prompter.reward)

@@ -46,3 +46,29 @@ def test_program_and_critic_run_on_vllm_with_one_lm_per_role(vllm_server, tiny_l
     solver_inputs = " ".join(h["messages"][-1]["content"] for h in solver_lm.history)
     assert all(r["prediction"]["prompt"] in solver_inputs for r in report.rows)
     assert all(program.prompter.reward in h["messages"][-1]["content"] for h in prompter_lm.history)
+
+
+def test_modules_pick_the_json_adapter_for_a_structured_lm_unless_one_is_configured(vllm_server):
+    """A compiled prompter dropped into a pipeline that configures no adapter must still send
+    the JSON schema its StructuredLM enforces (under DSPy's ChatAdapter a small model's free
+    text rarely parses); an adapter the user configures wins."""
+
+    def schema_sent(entry) -> bool:
+        return "json" in ((entry["kwargs"].get("extra_body") or {}).get("structured_outputs") or {})
+
+    lm = _lm(vllm_server)
+    prompter, solver = t.QueryAwarePrompter(lm=lm), t.Solver(lm=lm)
+    question = "Tom has 3 apples and buys 2 more. How many apples does he have?"
+    with dspy.context(adapter=None):
+        prompt = prompter(question=question).prompt
+        answer = solver(question=question, prompt=prompt).answer
+    assert isinstance(prompt, str) and isinstance(answer, str)
+    assert len(lm.history) == 2 and all(schema_sent(h) for h in lm.history)
+
+    n = len(lm.history)
+    with dspy.context(adapter=dspy.ChatAdapter()):
+        try:
+            prompter(question=question)
+        except Exception:  # noqa: BLE001 - the tiny model's free text need not parse; only the request matters
+            pass
+    assert len(lm.history) > n and not schema_sent(lm.history[n])

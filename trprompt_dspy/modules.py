@@ -15,6 +15,7 @@ import dspy
 
 from .prompts import INITIAL_REWARD
 from .signatures import CritiquePrompt, GeneratePrompt, SolveWithPrompt
+from .structured import StructuredPredict
 
 logger = logging.getLogger(__name__)
 
@@ -22,9 +23,10 @@ logger = logging.getLogger(__name__)
 PROGRAM_STATE_FILE = "program.json"
 
 
-class PromptGenerator(dspy.Predict):
+class PromptGenerator(StructuredPredict):
     """The prompter's predictor: a ``dspy.Predict`` over ``GeneratePrompt`` that carries the
-    current textual reward as part of its saved state.
+    current textual reward as part of its saved state (and picks the JSON adapter for a
+    ``StructuredLM``, see :class:`~trprompt_dspy.structured.StructuredPredict`).
 
     Keeping the reward inside the predictor (a DSPy ``Parameter``) means it is saved and loaded
     by ``save``/``load`` of *any* program that contains the prompter, not only of
@@ -140,7 +142,7 @@ class TextualCritic(dspy.Module):
 
     def __init__(self, *, lm: dspy.BaseLM | None = None, signature: Any = CritiquePrompt, **config: Any):
         super().__init__()
-        self.critique = dspy.Predict(signature, **config)
+        self.critique = StructuredPredict(signature, **config)
         if lm is not None:
             self.critique.lm = lm
 
@@ -176,7 +178,7 @@ class Solver(dspy.Module):
 
     def __init__(self, *, lm: dspy.BaseLM | None = None, signature: Any = SolveWithPrompt, **config: Any):
         super().__init__()
-        self.solve = dspy.Predict(signature, **config)
+        self.solve = StructuredPredict(signature, **config)
         if lm is not None:
             self.solve.lm = lm
 

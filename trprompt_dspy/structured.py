@@ -19,6 +19,7 @@ Use it with ``dspy.JSONAdapter()``::
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 from typing import Any
@@ -168,3 +169,35 @@ class SafeJSONAdapter(dspy.JSONAdapter):
                 adapter_name="JSONAdapter", signature=signature, lm_response=str(completion)[:2000],
                 message=f"unparseable reply ({type(exc).__name__}: {str(exc)[:200]})",
             ) from None
+
+
+#: one adapter for every call that gets the default below (it holds no per-call state)
+_DEFAULT_ADAPTER = SafeJSONAdapter()
+
+
+class StructuredPredict(dspy.Predict):
+    """``dspy.Predict`` that uses :class:`SafeJSONAdapter` when its LM is a :class:`StructuredLM`
+    and nobody configured an adapter.
+
+    A ``StructuredLM`` only enforces a schema that ``JSONAdapter`` sends; under DSPy's default
+    ``ChatAdapter`` a small local model writes free text that rarely parses. The library's own
+    modules (prompter, solver, critic) use this predictor, so a compiled prompter served locally
+    works in any pipeline without ``dspy.context(adapter=...)``. An adapter set with
+    ``dspy.configure``/``dspy.context`` always wins.
+    """
+
+    def _adapter_context(self, kwargs: dict[str, Any]) -> Any:
+        if dspy.settings.adapter is not None:
+            return contextlib.nullcontext()
+        lm = kwargs.get("lm") or self.lm or dspy.settings.lm
+        if isinstance(lm, StructuredLM):
+            return dspy.context(adapter=_DEFAULT_ADAPTER)
+        return contextlib.nullcontext()
+
+    def forward(self, **kwargs: Any) -> dspy.Prediction:
+        with self._adapter_context(kwargs):
+            return super().forward(**kwargs)
+
+    async def aforward(self, **kwargs: Any) -> dspy.Prediction:
+        with self._adapter_context(kwargs):
+            return await super().aforward(**kwargs)
