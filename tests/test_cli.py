@@ -53,6 +53,26 @@ def test_user_mistakes_give_one_clear_message(capsys, tmp_path, monkeypatch, sha
     assert exc.value.code == 2 and "positive integer" in capsys.readouterr().err
 
 
+def test_help_and_the_package_import_load_no_training_stack():
+    """``trprompt --help`` and ``import trprompt_dspy`` stay light (they took ~6 s when the package
+    imported torch, trl, peft and textgrad eagerly); every public name still resolves."""
+    heavy = ("torch", "trl", "peft", "textgrad", "vllm")
+    probe = (
+        "import sys, contextlib, io\n"
+        "import trprompt_dspy as t\n"
+        "from trprompt_dspy.cli import main\n"
+        "with contextlib.redirect_stdout(io.StringIO()) as out, contextlib.suppress(SystemExit):\n"
+        "    main(['--help'])\n"
+        "assert 'demo' in out.getvalue()\n"
+        f"print(sorted({{m.split('.')[0] for m in sys.modules}} & set({heavy!r})))\n"
+        "print(all(getattr(t, n) is not None for n in t.__all__), callable(t.compiled.serve_prompters))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300, check=True)
+    before_access, resolved = out.stdout.splitlines()[-2:]
+    assert before_access == "[]", out.stdout
+    assert resolved == "True True", out.stdout
+
+
 def test_config_files_in_toml_and_yaml(tmp_path):
     toml = tmp_path / "c.toml"
     toml.write_text('rounds = 3\nrebalance = "balance"\n[rollout]\nn_samples = 2\n[finetune]\nlora_r = 8\n'

@@ -6,6 +6,8 @@ Public building blocks: the signatures (``GeneratePrompt``, ``CritiquePrompt``,
 (``trprompt_dspy.metrics``) and local serving (``VLLMServer``, ``StructuredLM``).
 """
 
+import importlib
+import importlib.util
 import os
 
 # litellm (imported by dspy) fetches its model cost map from the network on import and waits
@@ -13,47 +15,52 @@ import os
 # before importing this package to keep litellm's default.
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
-from .evaluation import EvaluationReport, evaluate  # noqa: E402
-from .modules import (  # noqa: E402
-    PromptGenerator,
-    QueryAwarePrompter,
-    Solver,
-    TextualCritic,
-    TRPromptProgram,
-)
-from .finetune import FinetuneConfig, RolloutRecord, finetune_prompter  # noqa: E402
-from .reward_search import RewardSearchConfig, RewardSearchResult, search_reward  # noqa: E402
-from .rollout import RolloutConfig, run_rollout  # noqa: E402
-from .serving import ServerConfig, VLLMServer  # noqa: E402
-from .signatures import CritiquePrompt, GeneratePrompt, SolveWithPrompt  # noqa: E402
-from .structured import SafeJSONAdapter, StructuredLM  # noqa: E402
-from .teleprompter import TRPromptConfig, TRPromptTeleprompter  # noqa: E402
+# Public names load on first use (PEP 562): importing the package, or the `trprompt` command
+# for --help or an argument error, does not pay for torch, trl, peft and textgrad (~6 s).
+_EXPORTS = {
+    "EvaluationReport": ".evaluation",
+    "evaluate": ".evaluation",
+    "PromptGenerator": ".modules",
+    "QueryAwarePrompter": ".modules",
+    "Solver": ".modules",
+    "TextualCritic": ".modules",
+    "TRPromptProgram": ".modules",
+    "FinetuneConfig": ".finetune",
+    "RolloutRecord": ".finetune",
+    "finetune_prompter": ".finetune",
+    "RewardSearchConfig": ".reward_search",
+    "RewardSearchResult": ".reward_search",
+    "search_reward": ".reward_search",
+    "RolloutConfig": ".rollout",
+    "run_rollout": ".rollout",
+    "ServerConfig": ".serving",
+    "VLLMServer": ".serving",
+    "CritiquePrompt": ".signatures",
+    "GeneratePrompt": ".signatures",
+    "SolveWithPrompt": ".signatures",
+    "SafeJSONAdapter": ".structured",
+    "StructuredLM": ".structured",
+    "TRPromptConfig": ".teleprompter",
+    "TRPromptTeleprompter": ".teleprompter",
+}
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is not None:
+        value = getattr(importlib.import_module(module, __name__), name)
+        globals()[name] = value
+        return value
+    # submodules too, as when everything was imported eagerly: ``trprompt_dspy.compiled.serve_prompters``
+    if not name.startswith("_") and importlib.util.find_spec(f"{__name__}.{name}") is not None:
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_EXPORTS})
+
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "CritiquePrompt",
-    "EvaluationReport",
-    "FinetuneConfig",
-    "GeneratePrompt",
-    "PromptGenerator",
-    "QueryAwarePrompter",
-    "RewardSearchConfig",
-    "RewardSearchResult",
-    "RolloutConfig",
-    "RolloutRecord",
-    "SafeJSONAdapter",
-    "ServerConfig",
-    "Solver",
-    "SolveWithPrompt",
-    "StructuredLM",
-    "TextualCritic",
-    "TRPromptConfig",
-    "TRPromptProgram",
-    "TRPromptTeleprompter",
-    "VLLMServer",
-    "evaluate",
-    "finetune_prompter",
-    "run_rollout",
-    "search_reward",
-]
+__all__ = sorted(_EXPORTS)

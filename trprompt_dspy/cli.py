@@ -319,6 +319,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``trprompt`` console script."""
+    # --help and argument errors exit here, before the heavy imports below
+    args = build_parser().parse_args(argv)
+
     from .compiled import UnsafeAdapterError
     from .config_file import ConfigError
     from .data import DataError
@@ -326,7 +329,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .runs import RunFolderError
     from .serving import ServerError
 
-    args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("TEXTGRAD_DISABLE_LOGGING", "1")
     if not args.verbose:
