@@ -1,0 +1,58 @@
+"""``programs/custom_task.py`` through the real stack on the tiny model: a user's own task with
+no numeric answer, scored by an LLM judge (the paper's open question 2), compiled for one round.
+(The other example programs run in tests/test_cli.py on the tiny demo's saved program.)"""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import dspy
+import pytest
+
+from trprompt_dspy.runs import read_jsonl
+
+from test_teleprompter import tiny_config
+
+PROGRAMS = Path(__file__).resolve().parents[1] / "programs"
+LM_KWARGS = {"max_tokens": 96, "max_string_length": 120, "cache": False}
+
+
+@pytest.fixture(scope="module")
+def custom_task():
+    spec = importlib.util.spec_from_file_location("custom_task", PROGRAMS / "custom_task.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_judge_metric_scores_through_the_local_model(custom_task, vllm_server):
+    example = dspy.Example(question="Send me the report now.", answer="the report").with_inputs("question")
+    custom_task.judge.set_lm(vllm_server.lm(structured=True, **LM_KWARGS))
+    # no key fact: rejected before the judge is asked
+    assert custom_task.judged_metric(example, dspy.Prediction(answer="Hello there!")) is False
+    assert not custom_task.judge.lm.history
+    # with the key fact the (tiny, random) judge decides, through its JSON schema, with no adapter configured
+    verdict = custom_task.judged_metric(example, dspy.Prediction(answer="Could you send me the report, please?"))
+    assert isinstance(verdict, bool) and len(custom_task.judge.lm.history) == 1
+
+
+def test_custom_judged_task_compiles_one_round(custom_task, vllm_server, tmp_path):
+    examples, metric, program = custom_task.polite_task()
+    log_dir = tmp_path / "run"
+    try:
+        compiled, val = custom_task.compile_task(
+            vllm_server, examples, metric, program, log_dir=log_dir, lm_kwargs=LM_KWARGS,
+            config=tiny_config(rounds=1, validate_initial=False),
+        )
+        out = compiled(question=val[0].question)
+    finally:
+        for name in list(vllm_server.adapters):
+            vllm_server.unload_adapter(name)
+
+    assert len(val) == 4 and isinstance(out.prompt, str) and isinstance(out.answer, str)
+    records = read_jsonl(log_dir / "round_1" / "records.jsonl")
+    assert len(records) == 16  # 8 training messages x 2 sampled prompts, each critiqued
+    assert all(r["question"] in {q for q, _ in custom_task.BLUNT} for r in records)
+    report = json.loads((log_dir / "report.json").read_text())
+    assert [r["round"] for r in report["rounds"]] == [1] and report["rounds"][0]["validation"]["n"] == 4
+    assert compiled.prompter.adapter["name"].startswith("prompter-r1-")
