@@ -16,6 +16,7 @@ from typing import Any
 
 import dspy
 
+from .checks import check_ints
 from .data import train_val_test
 from .finetune import FinetuneConfig
 from .metrics import metric_for
@@ -47,10 +48,7 @@ class DemoSettings:
 
         if self.dataset not in dataset_names():
             raise ValueError(f"unknown dataset {self.dataset!r}; known: {', '.join(dataset_names())}")
-        for name in ("train", "val", "test", "rounds", "num_threads", "max_tokens"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
+        check_ints(self, ("train", "val", "test", "rounds", "num_threads", "max_tokens"))
 
 
 def demo_config(settings: DemoSettings) -> TRPromptConfig:

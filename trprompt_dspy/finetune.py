@@ -67,6 +67,8 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
+from .checks import int_problem
+
 logger = logging.getLogger(__name__)
 
 #: Name of the training summary written into every adapter folder.
@@ -312,8 +314,15 @@ class FinetuneConfig:
 
     def __post_init__(self) -> None:
         problems = []
-        if not isinstance(self.lora_r, int) or self.lora_r < 1:
-            problems.append(f"lora_r must be a positive int, got {self.lora_r!r}")
+        problems += filter(None, [
+            int_problem("lora_r", self.lora_r),
+            int_problem("max_steps", self.max_steps, allow_none=True),
+            int_problem("micro_batch_size", self.micro_batch_size, allow_none=True),
+            int_problem("per_device_batch_size", self.per_device_batch_size),
+            int_problem("gradient_accumulation_steps", self.gradient_accumulation_steps),
+            int_problem("max_length", self.max_length, minimum=8),
+            int_problem("cpu_threads", self.cpu_threads, allow_none=True),
+        ])
         if self.lora_alpha <= 0:
             problems.append(f"lora_alpha must be > 0, got {self.lora_alpha!r}")
         if not 0 <= self.lora_dropout < 1:
@@ -327,16 +336,8 @@ class FinetuneConfig:
             problems.append("learning_rate must be > 0")
         if self.max_steps is None and self.num_epochs <= 0:
             problems.append("num_epochs must be > 0")
-        if self.max_steps is not None and (not isinstance(self.max_steps, int) or self.max_steps < 1):
-            problems.append(f"max_steps must be a positive int or None, got {self.max_steps!r}")
-        if self.micro_batch_size is not None and (isinstance(self.micro_batch_size, bool) or not isinstance(self.micro_batch_size, int) or self.micro_batch_size < 1):
-            problems.append(f"micro_batch_size must be a positive int or None, got {self.micro_batch_size!r}")
-        if self.per_device_batch_size < 1 or self.gradient_accumulation_steps < 1:
-            problems.append("per_device_batch_size and gradient_accumulation_steps must be >= 1")
         if not 0 <= self.warmup_ratio < 1:
             problems.append("warmup_ratio must be in [0, 1)")
-        if not isinstance(self.max_length, int) or self.max_length < 8:
-            problems.append(f"max_length must be an int >= 8, got {self.max_length!r}")
         if self.overlength not in ("truncate", "drop", "error"):
             problems.append(f"overlength must be 'truncate', 'drop' or 'error', got {self.overlength!r}")
         if self.init_from not in ("base", "previous"):
@@ -345,8 +346,6 @@ class FinetuneConfig:
             problems.append("init_from='previous' needs previous_adapter (the last round's adapter folder)")
         if self.device not in ("auto", "cpu", "cuda"):
             problems.append(f"device must be 'auto', 'cpu' or 'cuda', got {self.device!r}")
-        if self.cpu_threads is not None and (not isinstance(self.cpu_threads, int) or self.cpu_threads < 1):
-            problems.append(f"cpu_threads must be a positive int or None, got {self.cpu_threads!r}")
         if problems:
             raise FinetuneInputError("invalid FinetuneConfig: " + "; ".join(problems))
 

@@ -56,6 +56,7 @@ import dspy
 from dspy.utils.exceptions import AdapterParseError
 
 from . import reward_prompts as prompts
+from .checks import check_choice, check_ints
 from .parallel import run_parallel
 from .runs import atomic_write_json
 from .textgrad_engine import DSPyEngine, is_hosted_vllm, regex_extra_body, tg
@@ -186,20 +187,13 @@ class RewardSearchConfig:
     def __post_init__(self) -> None:
         positive = ("steps", "num_candidates", "minibatch_size", "num_threads", "max_reward_chars",
                     "proposal_max_tokens", "feedback_max_tokens", "max_results_chars", "max_field_chars")
-        for name in positive:
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"RewardSearchConfig.{name} must be a positive int, got {value!r}")
-        for name in ("heldout_size", "min_reward_chars", "regex_preamble_chars"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"RewardSearchConfig.{name} must be an int >= 0, got {value!r}")
-        if self.patience is not None and (not isinstance(self.patience, int) or self.patience < 1):
-            raise ValueError(f"RewardSearchConfig.patience must be a positive int or None, got {self.patience!r}")
+        check_ints(self, positive, prefix="RewardSearchConfig.")
+        check_ints(self, ("heldout_size", "min_reward_chars", "regex_preamble_chars"), minimum=0,
+                   prefix="RewardSearchConfig.")
+        check_ints(self, ("patience",), allow_none=True, prefix="RewardSearchConfig.")
         if self.min_reward_chars > self.max_reward_chars:
             raise ValueError(f"min_reward_chars={self.min_reward_chars} > max_reward_chars={self.max_reward_chars}")
-        if self.selection not in ("next", "same"):
-            raise ValueError(f"RewardSearchConfig.selection must be 'next' or 'same', got {self.selection!r}")
+        check_choice("RewardSearchConfig.selection", self.selection, ("next", "same"))
         for name in ("proposal_temperature", "feedback_temperature", "straggler_timeout_s"):
             if getattr(self, name) < 0:
                 raise ValueError(f"RewardSearchConfig.{name} must be >= 0")

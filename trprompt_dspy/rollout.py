@@ -20,6 +20,7 @@ from typing import Any, Callable, Sequence
 
 import dspy
 
+from .checks import check_choice, check_ints
 from .finetune import RolloutRecord
 from .modules import QueryAwarePrompter, Solver, TextualCritic
 from .parallel import run_parallel
@@ -53,14 +54,10 @@ class RolloutConfig:
     reward_template: str = NUMERIC_REWARD_TEMPLATE
 
     def __post_init__(self) -> None:
-        if not isinstance(self.n_samples, int) or self.n_samples < 1:
-            raise ValueError(f"n_samples must be a positive int, got {self.n_samples!r}")
+        check_ints(self, ("n_samples", "num_threads"))
         if self.temperature <= 0 and self.n_samples > 1:
             raise ValueError("temperature must be > 0 when n_samples > 1 (otherwise every sample is the same)")
-        if self.num_threads < 1:
-            raise ValueError(f"num_threads must be >= 1, got {self.num_threads}")
-        if self.reward not in ("textual", "numeric"):
-            raise ValueError(f"reward must be 'textual' or 'numeric', got {self.reward!r}")
+        check_choice("reward", self.reward, ("textual", "numeric"))
         try:
             self.reward_template.format(score=1.0)
         except (KeyError, IndexError, ValueError, AttributeError) as exc:

@@ -45,6 +45,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
+from .checks import check_choice, check_ints
+
 logger = logging.getLogger(__name__)
 
 #: Seconds an LM request to the local server may take (a 768-token reply at ~3 tok/s on two busy
@@ -203,20 +205,15 @@ class ServerConfig:
     python: str = sys.executable
 
     def __post_init__(self) -> None:
-        if self.device not in ("auto", "cpu", "cuda"):
-            raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {self.device!r}")
+        check_choice("device", self.device, ("auto", "cpu", "cuda"))
         if self.enable_lora:
             if self.max_lora_rank not in VLLM_LORA_RANKS:
                 raise ValueError(f"max_lora_rank must be one of {VLLM_LORA_RANKS}, got {self.max_lora_rank}")
             if self.max_loras < 2:
                 raise ValueError("max_loras must be >= 2: one slot always stays free (mixed-batch LoRA bug)")
-        for name in ("tensor_parallel_size", "data_parallel_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1")
+        check_ints(self, ("tensor_parallel_size", "data_parallel_size", "cpu_kvcache_space_gib"))
         if self.gpu_memory_utilization is not None and not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError("gpu_memory_utilization must be in (0, 1]")
-        if not isinstance(self.cpu_kvcache_space_gib, int) or self.cpu_kvcache_space_gib < 1:
-            raise ValueError(f"cpu_kvcache_space_gib must be a positive int, got {self.cpu_kvcache_space_gib!r}")
         if self.startup_timeout_s <= 0 or self.stop_grace_s < 0:
             raise ValueError("startup_timeout_s must be > 0 and stop_grace_s >= 0")
         if isinstance(self.extra_args, str):

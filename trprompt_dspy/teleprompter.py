@@ -28,6 +28,7 @@ from typing import Any, Callable, Sequence
 import dspy
 from dspy.teleprompt.teleprompt import Teleprompter
 
+from .checks import check_choice, check_ints
 from .evaluation import evaluate
 from .finetune import FinetuneConfig, RolloutRecord, finetune_prompter, read_records
 from .parallel import check_interrupted, watch_sigint
@@ -106,14 +107,10 @@ class TRPromptConfig:
     max_server_restarts: int = 2
 
     def __post_init__(self) -> None:
-        if not isinstance(self.rounds, int) or self.rounds < 1:
-            raise ValueError(f"rounds must be a positive int, got {self.rounds!r}")
-        if self.reward not in ("textual", "numeric"):
-            raise ValueError(f"reward must be 'textual' or 'numeric', got {self.reward!r}")
-        if self.rebalance not in ("none", "balance"):
-            raise ValueError(f"rebalance must be 'none' or 'balance', got {self.rebalance!r}")
-        if not isinstance(self.max_server_restarts, int) or self.max_server_restarts < 0:
-            raise ValueError(f"max_server_restarts must be an int >= 0, got {self.max_server_restarts!r}")
+        check_ints(self, ("rounds",))
+        check_ints(self, ("max_server_restarts",), minimum=0)
+        check_choice("reward", self.reward, ("textual", "numeric"))
+        check_choice("rebalance", self.rebalance, ("none", "balance"))
         if self.rollout.reward != self.reward:
             self.rollout = dataclasses.replace(self.rollout, reward=self.reward)
 

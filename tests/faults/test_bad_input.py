@@ -89,3 +89,24 @@ def test_report_text_from_models_is_not_markup(tmp_path):
     text = console.export_text()
     assert "[link=file:///etc/passwd]click[/link]" in text and "[bold red]ALERT[/]" in text
     assert "href" not in console.export_html()  # no link was made
+
+
+@pytest.mark.parametrize("make, message", [
+    # True is an int to Python; as a size it is a mistake, refused everywhere alike
+    (lambda: t.TRPromptConfig(rounds=True), "rounds must be a positive int, got True"),
+    (lambda: t.RolloutConfig(n_samples=True), "n_samples must be a positive int, got True"),
+    (lambda: t.FinetuneConfig(lora_r=True), "lora_r must be a positive int, got True"),
+    (lambda: t.FinetuneConfig(per_device_batch_size=0), "per_device_batch_size must be a positive int, got 0"),
+    (lambda: t.FinetuneConfig(max_steps=0, max_length=4), "max_steps must be a positive int or None, got 0; "
+                                                          "max_length must be an int >= 8, got 4"),
+    (lambda: t.RolloutConfig(num_threads=0), "num_threads must be a positive int, got 0"),
+    (lambda: t.TRPromptConfig(max_server_restarts=-1), "max_server_restarts must be an int >= 0, got -1"),
+    (lambda: t.TRPromptConfig(rebalance="more"), "rebalance must be 'none' or 'balance', got 'more'"),
+    (lambda: t.RewardSearchConfig(patience=0), "RewardSearchConfig.patience must be a positive int or None, got 0"),
+    (lambda: t.ServerConfig(model="m", tensor_parallel_size=0), "tensor_parallel_size must be a positive int, got 0"),
+    (lambda: t.ServerConfig(model="m", device="tpu"), "device must be 'auto', 'cpu' or 'cuda', got 'tpu'"),
+])
+def test_settings_refuse_bad_values_by_name(make, message):
+    with pytest.raises(ValueError) as exc:
+        make()
+    assert message in str(exc.value)

@@ -1,0 +1,36 @@
+"""Checks shared by the settings dataclasses (``__post_init__``): one message per bad value,
+naming the field, before any model starts."""
+
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+
+def int_problem(name: str, value: Any, *, minimum: int = 1, allow_none: bool = False) -> str | None:
+    """Why ``value`` is not an int >= ``minimum`` (or None where allowed), or None if it is.
+
+    ``True``/``False`` are refused: ``rounds=True`` is a mistake, not one round.
+    """
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        kind = "a positive int" if minimum == 1 else f"an int >= {minimum}"
+        return f"{name} must be {kind}{' or None' if allow_none else ''}, got {value!r}"
+    return None
+
+
+def check_ints(owner: Any, names: Iterable[str], *, minimum: int = 1, allow_none: bool = False,
+               prefix: str = "") -> None:
+    """Raise ``ValueError`` for the first of ``owner``'s fields ``names`` that fails :func:`int_problem`."""
+    for name in names:
+        problem = int_problem(prefix + name, getattr(owner, name), minimum=minimum, allow_none=allow_none)
+        if problem:
+            raise ValueError(problem)
+
+
+def check_choice(name: str, value: Any, choices: Iterable[str]) -> None:
+    """Raise ``ValueError`` unless ``value`` is one of ``choices``."""
+    choices = tuple(choices)
+    if value not in choices:
+        listed = ", ".join(repr(c) for c in choices[:-1]) + f" or {choices[-1]!r}" if len(choices) > 1 else repr(choices[0])
+        raise ValueError(f"{name} must be {listed}, got {value!r}")
