@@ -3,7 +3,7 @@ naming the field, before any model starts."""
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 
 def int_problem(name: str, value: Any, *, minimum: int = 1, allow_none: bool = False) -> str | None:
@@ -28,9 +28,16 @@ def check_ints(owner: Any, names: Iterable[str], *, minimum: int = 1, allow_none
             raise ValueError(problem)
 
 
-def check_choice(name: str, value: Any, choices: Iterable[str]) -> None:
+def choice_problem(name: str, value: Any, choices: Sequence[str]) -> str | None:
+    """Why ``value`` is not one of ``choices``, or None if it is."""
+    if value in choices:
+        return None
+    listed = " or ".join(filter(None, [", ".join(map(repr, choices[:-1])), repr(choices[-1])]))
+    return f"{name} must be {listed}, got {value!r}"
+
+
+def check_choice(name: str, value: Any, choices: Sequence[str]) -> None:
     """Raise ``ValueError`` unless ``value`` is one of ``choices``."""
-    choices = tuple(choices)
-    if value not in choices:
-        listed = ", ".join(repr(c) for c in choices[:-1]) + f" or {choices[-1]!r}" if len(choices) > 1 else repr(choices[0])
-        raise ValueError(f"{name} must be {listed}, got {value!r}")
+    problem = choice_problem(name, value, choices)
+    if problem:
+        raise ValueError(problem)

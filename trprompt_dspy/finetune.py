@@ -67,7 +67,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-from .checks import int_problem
+from .checks import choice_problem, int_problem
 
 logger = logging.getLogger(__name__)
 
@@ -322,6 +322,9 @@ class FinetuneConfig:
             int_problem("gradient_accumulation_steps", self.gradient_accumulation_steps),
             int_problem("max_length", self.max_length, minimum=8),
             int_problem("cpu_threads", self.cpu_threads, allow_none=True),
+            choice_problem("overlength", self.overlength, ("truncate", "drop", "error")),
+            choice_problem("init_from", self.init_from, ("base", "previous")),
+            choice_problem("device", self.device, ("auto", "cpu", "cuda")),
         ])
         if self.lora_alpha <= 0:
             problems.append(f"lora_alpha must be > 0, got {self.lora_alpha!r}")
@@ -338,14 +341,8 @@ class FinetuneConfig:
             problems.append("num_epochs must be > 0")
         if not 0 <= self.warmup_ratio < 1:
             problems.append("warmup_ratio must be in [0, 1)")
-        if self.overlength not in ("truncate", "drop", "error"):
-            problems.append(f"overlength must be 'truncate', 'drop' or 'error', got {self.overlength!r}")
-        if self.init_from not in ("base", "previous"):
-            problems.append(f"init_from must be 'base' or 'previous', got {self.init_from!r}")
         if self.init_from == "previous" and self.previous_adapter is None:
             problems.append("init_from='previous' needs previous_adapter (the last round's adapter folder)")
-        if self.device not in ("auto", "cpu", "cuda"):
-            problems.append(f"device must be 'auto', 'cpu' or 'cuda', got {self.device!r}")
         if problems:
             raise FinetuneInputError("invalid FinetuneConfig: " + "; ".join(problems))
 
