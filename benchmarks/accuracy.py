@@ -91,12 +91,12 @@ def main() -> None:
     import trprompt_dspy as t
     from trprompt_dspy.baselines import (QPOTeleprompter, ZeroShot, ZeroShotCoT, copro_instruction,
                                          textgrad_instruction, untrained_prompter)
-    from trprompt_dspy.cli import role_lm
+    from trprompt_dspy.app.cli import role_lm
     from trprompt_dspy.data import train_val_test
-    from trprompt_dspy.evaluation import evaluate
+    from trprompt_dspy.infra.evaluation import evaluate
     from trprompt_dspy.metrics import metric_for
-    from trprompt_dspy.structured import SafeJSONAdapter
-    from trprompt_dspy.usage import UsageMeter
+    from trprompt_dspy.infra.structured import SafeJSONAdapter
+    from trprompt_dspy.infra.usage import UsageMeter
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in methods if m not in METHODS]

@@ -21,7 +21,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 def candidates(n: int, data_dir: str) -> dict:
     from trprompt_dspy.data import load_dataset
-    from trprompt_dspy.tasks import word_problems
+    from trprompt_dspy.data.word_problems import word_problems
 
     svamp = load_dataset("svamp", "test", data_dir=data_dir)
     # the loader keeps question and answer; the equation is read from the raw rows
@@ -52,9 +52,9 @@ def main() -> None:
     import dspy
 
     import trprompt_dspy as t
-    from trprompt_dspy.evaluation import evaluate
+    from trprompt_dspy.infra.evaluation import evaluate
     from trprompt_dspy.metrics import gsm8k_metric
-    from trprompt_dspy.prompts import ZERO_SHOT_COT_PROMPT
+    from trprompt_dspy.prompts.defaults import ZERO_SHOT_COT_PROMPT
 
     class CoT(dspy.Module):
         def __init__(self):

@@ -46,15 +46,15 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from trprompt_dspy.finetune import (  # noqa: E402
+from trprompt_dspy.finetune.trainer import (
     FinetuneConfig,
-    RolloutRecord,
     TokenizedExample,
     records_to_chat_data,
     stop_token_strings,
     tokenize_chat_example,
     train_lora_on_tokens,
 )
+from trprompt_dspy.rollout.records import RolloutRecord
 
 RESULTS = REPO / "benchmarks" / "results" / "finetune_speed.json"
 BATCH, SEQ = 8, 256
@@ -172,7 +172,7 @@ def main(argv=None) -> int:
     parser.add_argument("--output", default=str(RESULTS))
     args = parser.parse_args(argv)
 
-    from trprompt_dspy.models import build_tiny_model, resolve_model
+    from trprompt_dspy.infra.models import build_tiny_model, resolve_model
 
     if args.model == "tiny":
         # The tests' model: decides the CPU profile of very small models.

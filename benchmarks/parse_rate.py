@@ -6,7 +6,7 @@ calls that return a parsed prediction (no ``AdapterParseError``) under four set-
 
 * ``chat``: DSPy's ChatAdapter (``[[ ## field ## ]]`` markers), its JSON fallback turned off;
 * ``json``: JSONAdapter with a plain ``dspy.LM`` (DSPy sends no schema to ``hosted_vllm``);
-* ``json+schema``: JSONAdapter with :class:`~trprompt_dspy.structured.StructuredLM`, the
+* ``json+schema``: JSONAdapter with :class:`~trprompt_dspy.infra.structured.StructuredLM`, the
   signature's JSON schema enforced by vLLM, strings uncapped;
 * ``json+schema+cap``: the same with free-text strings capped at 300 characters.
 
@@ -40,7 +40,7 @@ sys.path.insert(0, str(REPO))
 import dspy  # noqa: E402
 from dspy.utils.exceptions import AdapterParseError  # noqa: E402
 
-from trprompt_dspy.serving import ServerConfig, VLLMServer  # noqa: E402
+from trprompt_dspy.infra.serving.server import ServerConfig, VLLMServer  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results"
 DATA = Path(os.environ.get("TRPROMPT_TEST_DATA_DIR", REPO.parent / "shared" / "data")) / "gsm8k" / "test.jsonl"

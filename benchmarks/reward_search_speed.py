@@ -75,10 +75,10 @@ def main() -> None:
 
     from trprompt_dspy.data import load_dataset
     from trprompt_dspy.metrics import metric_for
-    from trprompt_dspy.modules import QueryAwarePrompter, Solver
-    from trprompt_dspy.reward_search import RewardSearch, RewardSearchConfig
-    from trprompt_dspy.serving import ServerConfig, VLLMServer
-    from trprompt_dspy.structured import StructuredLM
+    from trprompt_dspy.modules.roles import QueryAwarePrompter, Solver
+    from trprompt_dspy.reward_search.search import RewardSearch, RewardSearchConfig
+    from trprompt_dspy.infra.serving.server import ServerConfig, VLLMServer
+    from trprompt_dspy.infra.structured import StructuredLM
 
     server = None
     if args.api_base is None:

@@ -25,7 +25,7 @@ import dspy
 import trprompt_dspy as t
 from trprompt_dspy.data import load_file, split_examples
 from trprompt_dspy.metrics import gsm8k_metric
-from trprompt_dspy.structured import StructuredPredict
+from trprompt_dspy.infra.structured import StructuredPredict
 
 # written for this example (not taken from any dataset)
 BLUNT = [

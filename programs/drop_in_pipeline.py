@@ -12,8 +12,8 @@ import sys
 import dspy
 
 import trprompt_dspy as t
-from trprompt_dspy.structured import SafeJSONAdapter
-from trprompt_dspy.compiled import serve_prompters
+from trprompt_dspy.infra.structured import SafeJSONAdapter
+from trprompt_dspy.modules.compiled import serve_prompters
 
 
 class SolveAndVerify(dspy.Module):

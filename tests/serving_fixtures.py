@@ -52,7 +52,7 @@ def make_tiny_adapter(base_dir: str | os.PathLike, out_dir: str | os.PathLike, s
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
-    from trprompt_dspy.models import build_tiny_model
+    from trprompt_dspy.infra.models import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("models") / TINY_SERVED_NAME, seed=0)
 
@@ -65,7 +65,7 @@ def tiny_lora_adapters(tiny_model_dir, tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="session")
 def vllm_server(tiny_model_dir, tmp_path_factory):
-    from trprompt_dspy.serving import ServerConfig, VLLMServer
+    from trprompt_dspy.infra.serving.server import ServerConfig, VLLMServer
 
     config = ServerConfig(
         model=str(tiny_model_dir),

@@ -16,10 +16,10 @@ from trprompt_dspy.baselines import (
     untrained_prompter,
 )
 from trprompt_dspy.data import load_dataset
-from trprompt_dspy.evaluation import evaluate
+from trprompt_dspy.infra.evaluation import evaluate
 from trprompt_dspy.metrics import gsm8k_metric
-from trprompt_dspy.runs import read_jsonl
-from trprompt_dspy.structured import SafeJSONAdapter
+from trprompt_dspy.infra.runs import read_jsonl
+from trprompt_dspy.infra.structured import SafeJSONAdapter
 
 from test_teleprompter import tiny_config  # noqa: E402
 

@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
-from trprompt_dspy.cli import main
-from trprompt_dspy.config_file import ConfigError, config_from_dict, load_config
+from trprompt_dspy.app.cli import main
+from trprompt_dspy.app.config_file import ConfigError, config_from_dict, load_config
 
 
 def _error(capsys, argv) -> str:
@@ -60,12 +60,12 @@ def test_help_and_the_package_import_load_no_training_stack():
     probe = (
         "import sys, contextlib, io\n"
         "import trprompt_dspy as t\n"
-        "from trprompt_dspy.cli import main\n"
+        "from trprompt_dspy.app.cli import main\n"
         "with contextlib.redirect_stdout(io.StringIO()) as out, contextlib.suppress(SystemExit):\n"
         "    main(['--help'])\n"
         "assert 'demo' in out.getvalue()\n"
         f"print(sorted({{m.split('.')[0] for m in sys.modules}} & set({heavy!r})))\n"
-        "print(all(getattr(t, n) is not None for n in t.__all__), callable(t.compiled.serve_prompters))\n"
+        "print(all(getattr(t, n) is not None for n in t.__all__), callable(t.serve_prompters))\n"
     )
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300, check=True)
     before_access, resolved = out.stdout.splitlines()[-2:]

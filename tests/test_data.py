@@ -6,8 +6,15 @@ from pathlib import Path
 import dspy
 import pytest
 
-from trprompt_dspy import data
-from trprompt_dspy.data import DATASETS, DataError, load_dataset, load_file, load_jsonl, split_examples
+from trprompt_dspy.data import loaders as data
+from trprompt_dspy.data import (
+    DATASETS,
+    DataError,
+    load_dataset,
+    load_file,
+    load_jsonl,
+    split_examples,
+)
 from trprompt_dspy.metrics import metric_for
 
 EXPECTED_COUNTS = {

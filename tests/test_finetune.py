@@ -23,21 +23,19 @@ from dspy.utils.dummies import DummyLM  # noqa: E402
 from dspy.utils.exceptions import AdapterParseError  # noqa: E402
 from transformers import AutoTokenizer, TrainerCallback  # noqa: E402
 
-import trprompt_dspy.finetune as ft  # noqa: E402
-from trprompt_dspy.finetune import (  # noqa: E402
+import trprompt_dspy.finetune.trainer as ft  # noqa: E402
+from trprompt_dspy.finetune.trainer import (
     FinetuneCancelled,
     FinetuneConfig,
     FinetuneInputError,
-    RolloutRecord,
     finetune_prompter,
     format_prompter_example,
-    read_records,
     records_to_chat_data,
     render_prompt,
     tokenize_chat_example,
-    write_records,
 )
-from trprompt_dspy.modules import QueryAwarePrompter  # noqa: E402
+from trprompt_dspy.rollout.records import RolloutRecord, read_records, write_records
+from trprompt_dspy.modules.roles import QueryAwarePrompter  # noqa: E402
 
 RECORDS = [
     RolloutRecord(question="What is 2+3?", prompt="Add the two numbers.", critique="The prompt was clear.",
@@ -60,7 +58,7 @@ def tiny_dir(tmp_path_factory) -> Path:
     spans logits of about +-1, too flat for an adapter to memorise a prompt; with two layers
     the adapter often failed to tell the two training questions apart (seen with 2 of 8 seeds
     for ChatAdapter chats, 6 of 8 for JSONAdapter chats)."""
-    from trprompt_dspy.models import build_tiny_model
+    from trprompt_dspy.infra.models import build_tiny_model
 
     return build_tiny_model(
         tmp_path_factory.mktemp("ft-model") / "tiny-ft", seed=0,
@@ -283,7 +281,7 @@ def test_an_interrupted_run_leaves_no_adapter_and_keeps_the_old_one(tiny_dir, tm
 def ft_server(tiny_dir, tmp_path_factory):
     """One vLLM server on the steerable tiny model for this module (fp32: greedy output must
     not depend on batching)."""
-    from trprompt_dspy.serving import ServerConfig, VLLMServer
+    from trprompt_dspy.infra.serving.server import ServerConfig, VLLMServer
 
     config = ServerConfig(
         model=str(tiny_dir), served_model_name="tiny-ft", device="cpu", dtype="float32",
@@ -345,8 +343,8 @@ def test_dspy_provider_trains_and_serves_a_json_adapter(ft_server, tiny_dir, tmp
     queried with vLLM enforcing the JSON schema."""
     from dspy.clients.utils_finetune import TrainingStatus
 
-    from trprompt_dspy.finetune_provider import LoRAProvider
-    from trprompt_dspy.structured import StructuredLM
+    from trprompt_dspy.finetune.dspy_provider import LoRAProvider
+    from trprompt_dspy.infra.structured import StructuredLM
 
     record = RECORDS[1]
     provider = LoRAProvider(server=ft_server, output_root=tmp_path, config=FinetuneConfig(**MEMORISE))

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from trprompt_dspy import models
-from trprompt_dspy.models import (
+from trprompt_dspy.infra import models
+from trprompt_dspy.infra.models import (
     MANIFEST_NAME,
     ModelNotAvailableError,
     build_tiny_model,

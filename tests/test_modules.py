@@ -9,10 +9,10 @@ import pytest
 from dspy.utils.dummies import DummyLM
 
 import trprompt_dspy as t
-from trprompt_dspy.evaluation import EvaluationFailed, evaluate
+from trprompt_dspy.infra.evaluation import EvaluationFailed, evaluate
 from trprompt_dspy.metrics import gsm8k_metric
-from trprompt_dspy.parallel import run_parallel
-from trprompt_dspy.prompts import INITIAL_REWARD
+from trprompt_dspy.infra.parallel import run_parallel
+from trprompt_dspy.prompts.defaults import INITIAL_REWARD
 
 
 def _last_user_message(lm) -> str:
@@ -183,7 +183,7 @@ def test_run_parallel_keeps_order_and_counts_failures():
 
 
 def test_call_cost_uses_litellm_prices_and_is_unknown_for_local_models():
-    from trprompt_dspy.usage import call_cost
+    from trprompt_dspy.infra.usage import call_cost
 
     assert call_cost("hosted_vllm/base", 100, 10) is None
     assert call_cost("no-such-provider/no-such-model", 100, 10) is None
@@ -192,7 +192,7 @@ def test_call_cost_uses_litellm_prices_and_is_unknown_for_local_models():
 
 
 def test_usage_meter_tells_roles_apart_when_they_share_one_lm():
-    from trprompt_dspy.usage import UsageMeter
+    from trprompt_dspy.infra.usage import UsageMeter
 
     shared = DummyLM([{"prompt": "Think.", "reasoning": "r", "answer": "4", "critique": "ok"}] * 10)
     optimizer = DummyLM([{"x": "y"}])

@@ -5,7 +5,7 @@ import dspy
 
 import trprompt_dspy as t
 from trprompt_dspy.data import load_dataset
-from trprompt_dspy.evaluation import evaluate
+from trprompt_dspy.infra.evaluation import evaluate
 from trprompt_dspy.metrics import metric_for
 
 

@@ -9,8 +9,8 @@ from pathlib import Path
 import dspy
 import pytest
 
-from trprompt_dspy.evaluation import evaluate
-from trprompt_dspy.runs import read_jsonl
+from trprompt_dspy.infra.evaluation import evaluate
+from trprompt_dspy.infra.runs import read_jsonl
 
 from test_teleprompter import tiny_config
 

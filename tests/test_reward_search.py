@@ -26,9 +26,9 @@ import pytest
 from dspy.clients.engines.dummy_engine import DummyEngine
 from dspy.utils.dummies import DummyLM
 
-from trprompt_dspy.modules import QueryAwarePrompter, Solver
-from trprompt_dspy.reward_prompts import EVALUATION_SYSTEM_PROMPT
-from trprompt_dspy.reward_search import (
+from trprompt_dspy.modules.roles import QueryAwarePrompter, Solver
+from trprompt_dspy.prompts.reward_search import EVALUATION_SYSTEM_PROMPT
+from trprompt_dspy.reward_search.search import (
     BEST_REWARD_FILE,
     TRACE_FILE,
     RewardSearch,
@@ -38,7 +38,7 @@ from trprompt_dspy.reward_search import (
     parse_improved_variable,
     search_reward,
 )
-from trprompt_dspy.textgrad_engine import DSPyEngine, merge_extra_body, tg
+from trprompt_dspy.infra.textgrad_engine import DSPyEngine, merge_extra_body, tg
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -440,7 +440,7 @@ def test_results_text_keeps_to_its_budget_and_lists_failures_first():
                           config=RewardSearchConfig(max_results_chars=1000, max_field_chars=50))
     rows = [{"id": i, "question": f"Question {i} " + "long " * 40, "reference": str(i), "prompt": "p " * 40,
              "answer": "-1" if i % 2 else str(i), "score": float(i % 2 == 0), "error": None} for i in range(20)]
-    from trprompt_dspy.reward_search import _score
+    from trprompt_dspy.reward_search.search import _score
 
     text = search.results_text(rows, _score(rows))
     assert len(text) <= 1000

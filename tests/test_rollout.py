@@ -10,8 +10,8 @@ from dspy.utils.dummies import DummyLM
 import trprompt_dspy as t
 from trprompt_dspy.data import load_dataset
 from trprompt_dspy.metrics import gsm8k_metric, metric_for
-from trprompt_dspy.rollout import RolloutConfig, numeric_reward, run_rollout
-from trprompt_dspy.runs import read_jsonl
+from trprompt_dspy.rollout.rollout import RolloutConfig, numeric_reward, run_rollout
+from trprompt_dspy.infra.runs import read_jsonl
 
 
 def _examples(n):

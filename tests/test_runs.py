@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from trprompt_dspy.runs import JsonlAppender, RunFolder, RunFolderError, atomic_write_json, read_jsonl
+from trprompt_dspy.infra.runs import JsonlAppender, RunFolder, RunFolderError, atomic_write_json, read_jsonl
 
 
 def test_stages_persist_and_survive_a_new_process(tmp_path):
@@ -15,7 +15,7 @@ def test_stages_persist_and_survive_a_new_process(tmp_path):
     run.mark_done("round_1/rollout", {"records": 8})
     # another process sees the same completed stages
     code = (
-        "from trprompt_dspy.runs import RunFolder; import sys;"
+        "from trprompt_dspy.infra.runs import RunFolder; import sys;"
         f"r = RunFolder({str(tmp_path / 'run')!r}, fingerprint={{'rounds': 2}});"
         "print(r.completed, r.result('round_1/rollout'))"
     )
@@ -73,7 +73,7 @@ def test_jsonl_torn_last_line_is_dropped_but_a_torn_middle_is_an_error(tmp_path)
 
 def test_jsonl_lines_may_hold_unicode_line_separators(tmp_path):
     # json.dumps leaves U+2028 / U+0085 raw; str.splitlines() would cut the record there
-    from trprompt_dspy.runs import JsonlAppender, read_jsonl
+    from trprompt_dspy.infra.runs import JsonlAppender, read_jsonl
 
     rows = [{"prompt": "a\u2028b\u0085c\u2029d\x1ce"}, {"prompt": "ok"}]
     appender = JsonlAppender(tmp_path / "r.jsonl")

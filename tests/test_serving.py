@@ -23,9 +23,9 @@ from serving_fixtures import TINY_SERVED_NAME, make_tiny_adapter
 import dspy
 from dspy.utils.exceptions import AdapterParseError
 
-from trprompt_dspy.models import ModelNotAvailableError
-from trprompt_dspy.serving import AdapterError, ServerConfig, ServerStartError, VLLMServer
-from trprompt_dspy.structured import StructuredLM
+from trprompt_dspy.infra.models import ModelNotAvailableError
+from trprompt_dspy.infra.serving.server import AdapterError, ServerConfig, ServerStartError, VLLMServer
+from trprompt_dspy.infra.structured import StructuredLM
 
 PROMPTS = [f"Question {i}: what is {i} plus {i + 3}?" for i in range(4)]
 REPO = Path(__file__).resolve().parents[1]
@@ -208,7 +208,7 @@ def test_killed_caller_leaves_no_orphan(tiny_model_dir, tmp_path):
     script = textwrap.dedent(
         f"""
         import json, sys, time
-        from trprompt_dspy.serving import VLLMServer
+        from trprompt_dspy.infra.serving.server import VLLMServer
         server = VLLMServer(model={str(tiny_model_dir)!r}, device="cpu", dtype="float32",
                             max_lora_rank=8, startup_timeout_s=300, stop_grace_s=3,
                             log_path={str(tmp_path / "orphan.log")!r})
@@ -246,7 +246,7 @@ def test_context_manager_stops_on_exception(tiny_model_dir, tmp_path):
 
 @pytest.mark.slow
 def test_default_model_converts_starts_and_answers(tmp_path):
-    from trprompt_dspy.models import default_model_dir, verify_model_dir
+    from trprompt_dspy.infra.models import default_model_dir, verify_model_dir
 
     folder = default_model_dir()
     assert verify_model_dir(folder)
@@ -261,7 +261,7 @@ def test_default_model_converts_starts_and_answers(tmp_path):
 def test_structured_lm_rewrites_schema_and_round_trips_state():
     from dspy.clients.base_lm import BaseLM
 
-    from trprompt_dspy.structured import cap_strings
+    from trprompt_dspy.infra.structured import cap_strings
 
     schema = {"type": "object", "properties": {"a": {"type": "string"}, "b": {"type": "string", "enum": ["x"]},
                                                "c": {"type": "array", "items": {"type": "string", "maxLength": 5}}}}

@@ -12,12 +12,12 @@ import pytest
 
 import trprompt_dspy as t
 from trprompt_dspy.data import load_dataset
-from trprompt_dspy.finetune import FinetuneConfig
+from trprompt_dspy.finetune.trainer import FinetuneConfig
 from trprompt_dspy.metrics import gsm8k_metric
-from trprompt_dspy.reward_search import RewardSearchConfig
-from trprompt_dspy.rollout import RolloutConfig
-from trprompt_dspy.runs import read_jsonl
-from trprompt_dspy.teleprompter import TRPromptConfig, TRPromptTeleprompter, rebalance_records
+from trprompt_dspy.reward_search.search import RewardSearchConfig
+from trprompt_dspy.rollout.rollout import RolloutConfig
+from trprompt_dspy.infra.runs import read_jsonl
+from trprompt_dspy.teleprompter.teleprompter import TRPromptConfig, TRPromptTeleprompter, rebalance_records
 
 
 def tiny_config(**overrides) -> TRPromptConfig:
@@ -89,7 +89,7 @@ def test_compile_two_rounds_save_load_in_a_new_process(clean_server, shared_data
     # different pipeline around the loaded prompter
     script = textwrap.dedent(f"""
         import dspy, trprompt_dspy as t
-        from trprompt_dspy.compiled import load_compiled, serve_prompters
+        from trprompt_dspy.modules.compiled import load_compiled, serve_prompters
 
         class VerifiedSolve(dspy.Module):
             def __init__(self):
@@ -121,7 +121,7 @@ def test_compile_two_rounds_save_load_in_a_new_process(clean_server, shared_data
 
 
 def test_rebalance_keeps_as_many_wrong_as_right_records():
-    from trprompt_dspy.finetune import RolloutRecord
+    from trprompt_dspy.rollout.records import RolloutRecord
 
     records = [RolloutRecord(question=f"q{i}", prompt="p", critique="c", correct=i < 6) for i in range(8)]
     balanced = rebalance_records(records, seed=0)
@@ -195,9 +195,9 @@ def test_killed_compile_resumes_without_regenerating_records(clean_server, share
 
 def test_records_with_an_empty_prompt_or_critique_are_not_trained_on(tmp_path):
     # seen on the embedded 135M model: a sampled prompt can be empty
-    from trprompt_dspy.finetune import RolloutRecord, write_records
-    from trprompt_dspy.runs import RunFolder
-    from trprompt_dspy.teleprompter import _RoundLoop
+    from trprompt_dspy.rollout.records import RolloutRecord, write_records
+    from trprompt_dspy.infra.runs import RunFolder
+    from trprompt_dspy.teleprompter.teleprompter import _RoundLoop
 
     loop = _RoundLoop.__new__(_RoundLoop)
     loop.folder, loop.config = RunFolder(tmp_path), tiny_config()
@@ -237,7 +237,7 @@ def _holds(records, at_least: int):
 
 
 def test_server_killed_mid_rollout_is_restarted_or_stops_resumably(vllm_server, shared_data_dir, tmp_path):
-    from trprompt_dspy.teleprompter import ServerDiedError
+    from trprompt_dspy.teleprompter.teleprompter import ServerDiedError
 
     config = dataclasses.replace(vllm_server.config, port=None, log_path=tmp_path / "vllm.log")
     train = load_dataset("gsm8k", "train", data_dir=shared_data_dir, limit=6)

@@ -18,30 +18,34 @@ os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 # Public names load on first use (PEP 562): importing the package, or the `trprompt` command
 # for --help or an argument error, does not pay for torch, trl, peft and textgrad (~6 s).
 _EXPORTS = {
-    "EvaluationReport": ".evaluation",
-    "evaluate": ".evaluation",
-    "PromptGenerator": ".modules",
-    "QueryAwarePrompter": ".modules",
-    "Solver": ".modules",
-    "TextualCritic": ".modules",
-    "TRPromptProgram": ".modules",
-    "FinetuneConfig": ".finetune",
-    "RolloutRecord": ".finetune",
-    "finetune_prompter": ".finetune",
-    "RewardSearchConfig": ".reward_search",
-    "RewardSearchResult": ".reward_search",
-    "search_reward": ".reward_search",
-    "RolloutConfig": ".rollout",
-    "run_rollout": ".rollout",
-    "ServerConfig": ".serving",
-    "VLLMServer": ".serving",
-    "CritiquePrompt": ".signatures",
-    "GeneratePrompt": ".signatures",
-    "SolveWithPrompt": ".signatures",
-    "SafeJSONAdapter": ".structured",
-    "StructuredLM": ".structured",
-    "TRPromptConfig": ".teleprompter",
-    "TRPromptTeleprompter": ".teleprompter",
+    "EvaluationReport": ".infra.evaluation",
+    "evaluate": ".infra.evaluation",
+    "PromptGenerator": ".modules.predictor",
+    "QueryAwarePrompter": ".modules.roles",
+    "Solver": ".modules.roles",
+    "TextualCritic": ".modules.roles",
+    "TRPromptProgram": ".modules.program",
+    "FinetuneConfig": ".finetune.trainer",
+    "RolloutRecord": ".rollout.records",
+    "finetune_prompter": ".finetune.trainer",
+    "RewardSearchConfig": ".reward_search.search",
+    "RewardSearchResult": ".reward_search.search",
+    "search_reward": ".reward_search.search",
+    "RolloutConfig": ".rollout.rollout",
+    "run_rollout": ".rollout.rollout",
+    "ServerConfig": ".infra.serving.server",
+    "VLLMServer": ".infra.serving.server",
+    "CritiquePrompt": ".prompts.signatures",
+    "GeneratePrompt": ".prompts.signatures",
+    "SolveWithPrompt": ".prompts.signatures",
+    "SafeJSONAdapter": ".infra.structured",
+    "StructuredLM": ".infra.structured",
+    "TRPromptConfig": ".teleprompter.teleprompter",
+    "TRPromptTeleprompter": ".teleprompter.teleprompter",
+    "TRPromptError": ".errors",
+    "load_compiled": ".modules.compiled",
+    "save_compiled": ".modules.compiled",
+    "serve_prompters": ".modules.compiled",
 }
 
 
@@ -51,7 +55,7 @@ def __getattr__(name: str):
         value = getattr(importlib.import_module(module, __name__), name)
         globals()[name] = value
         return value
-    # submodules too, as when everything was imported eagerly: ``trprompt_dspy.compiled.serve_prompters``
+    # submodules too, as when everything was imported eagerly: ``trprompt_dspy.data.load_dataset``
     if not name.startswith("_") and importlib.util.find_spec(f"{__name__}.{name}") is not None:
         return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

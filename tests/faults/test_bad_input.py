@@ -11,9 +11,10 @@ import dspy
 import pytest
 
 import trprompt_dspy as t
-from trprompt_dspy.compiled import UnsafeAdapterError, load_compiled
-from trprompt_dspy.runs import JsonlAppender, RunFolder, RunFolderError, atomic_write_json, read_jsonl
-from trprompt_dspy.serving import AdapterError
+from trprompt_dspy.infra.adapters import UnsafeAdapterError
+from trprompt_dspy.modules.compiled import load_compiled
+from trprompt_dspy.infra.runs import JsonlAppender, RunFolder, RunFolderError, atomic_write_json, read_jsonl
+from trprompt_dspy.infra.serving.server import AdapterError
 
 
 def _no_space(*args, **kwargs):
@@ -79,7 +80,7 @@ def test_report_text_from_models_is_not_markup(tmp_path):
     # a t* or prompt written by a model is printed as text: no rich markup, links or styles
     from rich.console import Console
 
-    from trprompt_dspy.demo import print_results
+    from trprompt_dspy.app.demo import print_results
 
     hostile = "[link=file:///etc/passwd]click[/link] [bold red]ALERT[/] <script>alert(1)</script>"
     console = Console(record=True, width=400)

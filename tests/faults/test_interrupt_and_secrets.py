@@ -14,7 +14,7 @@ import pytest
 
 import trprompt_dspy as t
 from trprompt_dspy.data import load_dataset
-from trprompt_dspy.runs import read_jsonl
+from trprompt_dspy.infra.runs import read_jsonl
 
 TESTS = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(TESTS))

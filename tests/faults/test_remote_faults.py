@@ -17,9 +17,9 @@ import pytest
 
 import trprompt_dspy as t
 from trprompt_dspy.metrics import gsm8k_metric
-from trprompt_dspy.rollout import RolloutConfig, run_rollout
-from trprompt_dspy.runs import read_jsonl
-from trprompt_dspy.structured import SafeJSONAdapter
+from trprompt_dspy.rollout.rollout import RolloutConfig, run_rollout
+from trprompt_dspy.infra.runs import read_jsonl
+from trprompt_dspy.infra.structured import SafeJSONAdapter
 
 FAULTS = ("rate-limited", "server-error", "empty-body", "too-slow")
 

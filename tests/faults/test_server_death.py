@@ -11,7 +11,7 @@ import pytest
 
 import trprompt_dspy as t
 from trprompt_dspy.data import load_dataset
-from trprompt_dspy.runs import read_jsonl
+from trprompt_dspy.infra.runs import read_jsonl
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from test_teleprompter import _kill_when, _tele  # noqa: E402

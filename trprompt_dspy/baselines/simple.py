@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import dspy
 
-from ..modules import Solver, TRPromptProgram
-from ..prompts import ZERO_SHOT_COT_PROMPT
+from ..modules.roles import Solver
+from ..modules.program import TRPromptProgram
+from ..prompts.defaults import ZERO_SHOT_COT_PROMPT
 
 
 class ZeroShot(dspy.Module):

@@ -20,12 +20,12 @@ from typing import Any, Callable, Sequence
 
 import dspy
 
-from .checks import check_choice, check_ints
-from .finetune import RolloutRecord
-from .modules import QueryAwarePrompter, Solver, TextualCritic
-from .parallel import run_parallel
-from .prompts import NUMERIC_REWARD_TEMPLATE
-from .runs import JsonlAppender, RunFolderError, read_jsonl
+from ..infra.checks import check_choice, check_ints
+from .records import RolloutRecord
+from ..modules.roles import QueryAwarePrompter, Solver, TextualCritic
+from ..infra.parallel import run_parallel
+from ..prompts.defaults import NUMERIC_REWARD_TEMPLATE
+from ..infra.runs import JsonlAppender, RunFolderError, read_jsonl
 
 logger = logging.getLogger(__name__)
 

@@ -28,17 +28,18 @@ from typing import Any, Callable, Sequence
 import dspy
 from dspy.teleprompt.teleprompt import Teleprompter
 
-from .checks import check_choice, check_ints
-from .evaluation import evaluate
-from .finetune import FinetuneConfig, RolloutRecord, finetune_prompter, read_records
-from .parallel import check_interrupted, watch_sigint
-from .modules import QueryAwarePrompter, Solver, TextualCritic
-from .prompts import INITIAL_REWARD
-from .reward_search import RewardSearchConfig, search_reward
-from .rollout import RolloutConfig, numeric_reward, records_path_for, run_rollout
-from .runs import RunFolder, atomic_write_json, versions
-from .structured import SafeJSONAdapter
-from .usage import LMBusyClock, UsageMeter
+from ..infra.checks import check_choice, check_ints
+from ..infra.evaluation import evaluate
+from ..finetune.trainer import FinetuneConfig, finetune_prompter
+from ..rollout.records import RolloutRecord, read_records
+from ..infra.parallel import check_interrupted, watch_sigint
+from ..modules.roles import QueryAwarePrompter, Solver, TextualCritic
+from ..prompts.defaults import INITIAL_REWARD
+from ..reward_search.search import RewardSearchConfig, search_reward
+from ..rollout.rollout import RolloutConfig, numeric_reward, records_path_for, run_rollout
+from ..infra.runs import RunFolder, atomic_write_json, versions
+from ..infra.structured import SafeJSONAdapter
+from ..infra.usage import LMBusyClock, UsageMeter
 
 logger = logging.getLogger(__name__)
 
@@ -182,7 +183,7 @@ class TRPromptTeleprompter(Teleprompter):
         lm_kwargs: dict[str, Any] | None = None,
     ):
         super().__init__()
-        from .metrics import gsm8k_metric
+        from ..metrics import gsm8k_metric
 
         if server is None or not getattr(server, "running", False):
             raise ValueError("TRPromptTeleprompter needs a running VLLMServer for the prompter's base model")
@@ -455,7 +456,7 @@ class _RoundLoop:
         }
 
     def _serve_adapter(self, k: int, adapter_dir: Path) -> None:
-        from .serving import adapter_fingerprint
+        from ..infra.adapters import adapter_fingerprint
 
         server = self.tele.server
         name = f"prompter-r{k}-{adapter_fingerprint(adapter_dir)[:12]}"

@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 import dspy
 
-from .metrics import last_braced
+from ..metrics import last_braced
 
 logger = logging.getLogger(__name__)
 
@@ -270,11 +270,11 @@ def load_dataset(
     if limit is not None and limit <= 0:
         raise DataError(f"limit must be positive, got {limit}")
     if name == GENERATED_DATASET:
-        from .tasks import word_problems
+        from .word_problems import word_problems
 
         if split not in ("train", "test"):
             raise DataError(f"{name} has splits train and test, not {split!r}")
-        from .tasks import DEMO_MAX_NUMBER, DEMO_OPERATIONS
+        from .word_problems import DEMO_MAX_NUMBER, DEMO_OPERATIONS
 
         return word_problems(limit or GENERATED_DEFAULT_SIZE, split=split, operations=DEMO_OPERATIONS,
                              max_number=DEMO_MAX_NUMBER)

@@ -68,7 +68,7 @@ def role_lm(role: str, model: str, lm_kwargs: dict[str, Any]) -> Any:
 
 
 def _load_examples(args: argparse.Namespace, *, split: str, limit: int | None) -> list:
-    from .data import load_dataset, load_file
+    from ..data.loaders import load_dataset, load_file
 
     if getattr(args, "file", None):
         return load_file(args.file, limit=limit) if limit else load_file(args.file)
@@ -76,7 +76,7 @@ def _load_examples(args: argparse.Namespace, *, split: str, limit: int | None) -
 
 
 def _metric(args: argparse.Namespace):
-    from .metrics import metric_for
+    from ..metrics import metric_for
 
     name = args.metric or (args.dataset if getattr(args, "dataset", None) else "gsm8k")
     try:
@@ -86,7 +86,7 @@ def _metric(args: argparse.Namespace):
 
 
 def _start_server(config: Any) -> Any:
-    from .serving import VLLMServer
+    from ..infra.serving.server import VLLMServer
 
     _check_port(config.host, config.port)
     return VLLMServer(config).start()
@@ -113,9 +113,9 @@ def _demo(args: argparse.Namespace) -> int:
 
 def _compile(args: argparse.Namespace) -> int:
     from .config_file import config_from_dict, load_config
-    from .modules import TRPromptProgram
-    from .serving import ServerConfig
-    from .teleprompter import TRPromptTeleprompter
+    from ..modules.program import TRPromptProgram
+    from ..infra.serving.server import ServerConfig
+    from ..teleprompter.teleprompter import TRPromptTeleprompter
 
     if args.val_size < 0:
         raise UserError(f"--val-size must be >= 0, got {args.val_size}")
@@ -123,18 +123,18 @@ def _compile(args: argparse.Namespace) -> int:
     config = load_config(args.config, **overrides) if args.config else config_from_dict(
         {k: v for k, v in overrides.items() if v is not None})
     if args.file:
-        from .data import split_examples
+        from ..data.loaders import split_examples
 
         everything = _load_examples(args, split="train", limit=None)
         if args.train_size + args.val_size > len(everything):
             raise UserError(f"{args.file} has {len(everything)} examples; asked for {args.train_size} + {args.val_size}")
         train, val = split_examples(everything, [args.train_size, args.val_size], seed=0)
         if args.val_file:
-            from .data import load_file
+            from ..data.loaders import load_file
 
             val = load_file(args.val_file)[: args.val_size]
     else:
-        from .data import train_val_test
+        from ..data.loaders import train_val_test
 
         train, val, _ = train_val_test(args.dataset, args.train_size, args.val_size, 0, data_dir=args.data_dir)
     log_dir = Path(args.log_dir or f"runs/compile-{time.strftime('%Y%m%d-%H%M%S')}")
@@ -165,8 +165,8 @@ def _compile(args: argparse.Namespace) -> int:
 
 
 def _load_program(folder: str):
-    from .compiled import read_manifest
-    from .modules import TRPromptProgram
+    from ..modules.compiled import read_manifest
+    from ..modules.program import TRPromptProgram
 
     path = Path(folder)
     if not (path / "manifest.json").is_file():
@@ -187,10 +187,10 @@ def _base_model(manifest: dict[str, Any]) -> str:
 def _evaluate(args: argparse.Namespace) -> int:
     import dspy
 
-    from .compiled import serve_prompters
-    from .evaluation import evaluate
-    from .serving import ServerConfig
-    from .structured import SafeJSONAdapter
+    from ..modules.compiled import serve_prompters
+    from ..infra.evaluation import evaluate
+    from ..infra.serving.server import ServerConfig
+    from ..infra.structured import SafeJSONAdapter
 
     program, manifest = _load_program(args.program)
     examples = _load_examples(args, split=args.split, limit=args.n)
@@ -215,8 +215,8 @@ def _serve(args: argparse.Namespace) -> int:
     import signal
     import threading
 
-    from .compiled import serve_prompters
-    from .serving import ServerConfig
+    from ..modules.compiled import serve_prompters
+    from ..infra.serving.server import ServerConfig
 
     serving, stop_requested = threading.Event(), threading.Event()
 
@@ -253,7 +253,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _add_data_args(parser: argparse.ArgumentParser, *, file_help: str) -> None:
-    from .data import dataset_names
+    from ..data.loaders import dataset_names
 
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--dataset", default="gsm8k", help=f"built-in dataset: {', '.join(dataset_names())} (default gsm8k)")
@@ -322,12 +322,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     # --help and argument errors exit here, before the heavy imports below
     args = build_parser().parse_args(argv)
 
-    from .compiled import UnsafeAdapterError
+    from ..infra.adapters import UnsafeAdapterError
     from .config_file import ConfigError
-    from .data import DataError
-    from .models import ModelNotAvailableError
-    from .runs import RunFolderError
-    from .serving import ServerError
+    from ..data.loaders import DataError
+    from ..infra.models import ModelNotAvailableError
+    from ..infra.runs import RunFolderError
+    from ..infra.serving.server import ServerError
 
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("TEXTGRAD_DISABLE_LOGGING", "1")

@@ -16,15 +16,15 @@ from typing import Any
 
 import dspy
 
-from .checks import check_ints
-from .data import train_val_test
-from .finetune import FinetuneConfig
-from .metrics import metric_for
-from .reward_search import RewardSearchConfig
-from .rollout import RolloutConfig
-from .runs import atomic_write_json
-from .structured import SafeJSONAdapter
-from .teleprompter import TRPromptConfig
+from ..infra.checks import check_ints
+from ..data.loaders import train_val_test
+from ..finetune.trainer import FinetuneConfig
+from ..metrics import metric_for
+from ..reward_search.search import RewardSearchConfig
+from ..rollout.rollout import RolloutConfig
+from ..infra.runs import atomic_write_json
+from ..infra.structured import SafeJSONAdapter
+from ..teleprompter.teleprompter import TRPromptConfig
 
 
 @dataclasses.dataclass
@@ -44,7 +44,7 @@ class DemoSettings:
     max_tokens: int = 384
 
     def __post_init__(self) -> None:
-        from .data import dataset_names
+        from ..data.loaders import dataset_names
 
         if self.dataset not in dataset_names():
             raise ValueError(f"unknown dataset {self.dataset!r}; known: {', '.join(dataset_names())}")
@@ -81,7 +81,7 @@ def demo_data(settings: DemoSettings) -> tuple[list[dspy.Example], list[dspy.Exa
 
 def tiny_model_dir() -> Path:
     """The tiny random test model, built once into the model cache."""
-    from .models import build_tiny_model, cache_root
+    from ..infra.models import build_tiny_model, cache_root
 
     folder = cache_root() / "tiny-random-llama"
     if not (folder / "config.json").is_file():
@@ -97,11 +97,11 @@ def run_demo(settings: DemoSettings, console: Any = None) -> dict[str, Any]:
     """
     from rich.console import Console
 
-    from .baselines import ZeroShot, ZeroShotCoT, untrained_prompter
-    from .evaluation import evaluate
-    from .modules import TRPromptProgram
-    from .serving import ServerConfig, VLLMServer
-    from .teleprompter import TRPromptTeleprompter
+    from ..baselines import ZeroShot, ZeroShotCoT, untrained_prompter
+    from ..infra.evaluation import evaluate
+    from ..modules.program import TRPromptProgram
+    from ..infra.serving.server import ServerConfig, VLLMServer
+    from ..teleprompter.teleprompter import TRPromptTeleprompter
 
     console = console or Console()
     metric = metric_for(settings.dataset)
@@ -182,5 +182,5 @@ def print_results(results: dict[str, Any], console: Any) -> None:
         f"reuse it:  trprompt evaluate {run_dir / 'program'} --dataset {results['dataset']}\n"
         f"           trprompt serve {run_dir / 'program'}\n"
         f"  or in Python: program = TRPromptProgram(); program.load(\"{run_dir / 'program'}\"); "
-        "trprompt_dspy.compiled.serve_prompters(program)  (see programs/drop_in_pipeline.py)"
+        "trprompt_dspy.serve_prompters(program)  (see programs/drop_in_pipeline.py)"
     )

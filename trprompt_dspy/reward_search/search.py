@@ -55,11 +55,11 @@ from typing import Any, Callable, Literal, Sequence
 import dspy
 from dspy.utils.exceptions import AdapterParseError
 
-from . import reward_prompts as prompts
-from .checks import check_choice, check_ints
-from .parallel import run_parallel
-from .runs import atomic_write_json
-from .textgrad_engine import DSPyEngine, is_hosted_vllm, regex_extra_body, tg
+from ..prompts import reward_search as prompts
+from ..infra.checks import check_choice, check_ints
+from ..infra.parallel import run_parallel
+from ..infra.runs import atomic_write_json
+from ..infra.textgrad_engine import DSPyEngine, is_hosted_vllm, regex_extra_body, tg
 
 logger = logging.getLogger(__name__)
 
@@ -144,7 +144,7 @@ class RewardSearchConfig:
             are listed first; what does not fit is counted, not shown.
         max_field_chars: each question, prompt and answer is cut to this many characters.
 
-    Texts (defaults in ``trprompt_dspy.reward_prompts``):
+    Texts (defaults in ``trprompt_dspy.prompts.reward_search``):
         role_description, function_purpose, results_role_description,
         evaluation_system_prompt, constraints (``{max_chars}`` is filled in),
         optimizer_system_prompt (None: TextGrad's), proposal_regex_template.

@@ -30,7 +30,7 @@ _COUNT_KEYS = ("calls", "prompt_tokens", "completion_tokens")
 
 def default_module_roles() -> dict[type, str]:
     """The role each of the library's modules plays, as the report names it."""
-    from .modules import QueryAwarePrompter, Solver, TextualCritic
+    from ..modules.roles import QueryAwarePrompter, Solver, TextualCritic
 
     return {QueryAwarePrompter: "prompter", Solver: "target", TextualCritic: "critic"}
 

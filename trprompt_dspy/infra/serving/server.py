@@ -26,7 +26,6 @@ from __future__ import annotations
 import atexit
 import contextlib
 import dataclasses
-import hashlib
 import json
 import logging
 import os
@@ -45,7 +44,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-from .checks import check_choice, check_ints
+from ..checks import check_choice, check_ints
 
 logger = logging.getLogger(__name__)
 
@@ -136,7 +135,7 @@ class ServerConfig:
 
     Attributes:
         model: ``"default"`` (the embedded SmolLM2-135M-Instruct), a model folder, a ``.gguf``
-            file or a hub id; resolved by :func:`trprompt_dspy.models.resolve_model`.
+            file or a hub id; resolved by :func:`trprompt_dspy.infra.models.resolve_model`.
         served_model_name: name of the base model in requests (``hosted_vllm/<name>``). Default:
             the folder's name or the hub id. DSPy's response cache is keyed by this name (not by
             the server address), so give different models different names.
@@ -246,21 +245,6 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
         return sock.getsockname()[1]
-
-
-def adapter_fingerprint(path: str | os.PathLike) -> str:
-    """Return a short sha256 of an adapter folder's weights and config.
-
-    DSPy caches responses by model name; naming adapters ``f"{role}-{fingerprint}"`` makes a
-    retrained adapter a new name, so cached answers of an older adapter are never reused.
-    """
-    folder = Path(path)
-    digest = hashlib.sha256()
-    for file in sorted(folder.iterdir()):
-        if file.is_file() and (file.suffix in (".safetensors", ".bin") or file.name == "adapter_config.json"):
-            digest.update(file.name.encode())
-            digest.update(file.read_bytes())
-    return digest.hexdigest()[:12]
 
 
 def _log_tail(path: Path, lines: int = 40) -> str:
@@ -377,7 +361,7 @@ class VLLMServer:
         with self._lock:
             if self._proc is not None:
                 raise ServerError("server already started; stop() it first")
-            from trprompt_dspy.models import resolve_model
+            from ..models import resolve_model
 
             cfg = self.config
             self.device = resolve_device(cfg.device)
@@ -641,7 +625,7 @@ class VLLMServer:
         Args:
             name: model name to address the adapter by (``server.lm(name)``). Must be new: unload
                 an adapter before reusing its name. DSPy's response cache is keyed by name, so a
-                retrained adapter should get a new name (see :func:`adapter_fingerprint`).
+                retrained adapter should get a new name (see :func:`~trprompt_dspy.infra.adapters.adapter_fingerprint`).
             path: folder written by ``peft`` (``adapter_config.json`` + weights).
             allow_pickle: load pickled weights (``adapter_model.bin``...), which can run code;
                 refused by default (safetensors only).
@@ -662,7 +646,7 @@ class VLLMServer:
         config_file = folder / "adapter_config.json"
         if not config_file.is_file():
             raise AdapterError(f"{folder} is not a peft adapter folder (no adapter_config.json)")
-        from trprompt_dspy.compiled import UnsafeAdapterError, check_adapter_files
+        from ..adapters import UnsafeAdapterError, check_adapter_files
 
         try:
             check_adapter_files(folder, allow_pickle=allow_pickle)
@@ -741,7 +725,7 @@ class VLLMServer:
 
         Args:
             name: adapter name, or None / the served model name for the base model.
-            structured: return a :class:`trprompt_dspy.structured.StructuredLM`, which makes
+            structured: return a :class:`trprompt_dspy.infra.structured.StructuredLM`, which makes
                 vLLM enforce each signature's JSON schema (use with ``dspy.JSONAdapter``).
             **kwargs: passed to ``dspy.LM`` (``max_tokens``, ``temperature``, ``cache``,
                 ``timeout`` -- default :data:`DEFAULT_REQUEST_TIMEOUT_S` ...); with
@@ -764,7 +748,7 @@ class VLLMServer:
         # litellm's own default waits 6000 s for a reply; a stuck request should fail sooner
         kwargs.setdefault("timeout", DEFAULT_REQUEST_TIMEOUT_S)
         if structured:
-            from trprompt_dspy.structured import StructuredLM
+            from ..structured import StructuredLM
 
             return StructuredLM(f"hosted_vllm/{target}", **kwargs)
         return dspy.LM(f"hosted_vllm/{target}", **kwargs)

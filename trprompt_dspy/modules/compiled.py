@@ -16,40 +16,26 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
-import uuid
 from pathlib import Path
 from typing import Any
 
 import dspy
 
-from .modules import PROGRAM_STATE_FILE, PromptGenerator
-from .runs import atomic_write_json, read_json, versions
+from .predictor import PromptGenerator
+from ..infra.adapters import ADAPTER_CONFIG, check_adapter_files, copy_adapter
+from ..infra.runs import atomic_write_json, read_json, versions
 
 logger = logging.getLogger(__name__)
 
+#: File name of a program's state inside a saved program folder.
+PROGRAM_STATE_FILE = "program.json"
 MANIFEST_FILE = "manifest.json"
 ADAPTERS_DIR = "adapters"
-#: What an adapter folder may contain; nothing executable and no pickles travel with a program.
-_ADAPTER_SUFFIXES = (".safetensors", ".json", ".txt", ".model", ".jinja")
 
 
 def prompt_generators(program: dspy.Module) -> list[tuple[str, PromptGenerator]]:
     """The prompter predictors of a program, by their DSPy parameter name."""
     return [(name, p) for name, p in program.named_predictors() if isinstance(p, PromptGenerator)]
-
-
-def _copy_adapter(src: Path, dst: Path) -> None:
-    if not (src / "adapter_config.json").is_file():
-        raise FileNotFoundError(f"{src} is not a LoRA adapter folder (no adapter_config.json)")
-    tmp = dst.with_name(f".{dst.name}.{uuid.uuid4().hex[:8]}.tmp")
-    tmp.mkdir(parents=True)
-    for path in src.iterdir():
-        if path.is_file() and path.name.endswith(_ADAPTER_SUFFIXES):
-            shutil.copy2(path, tmp / path.name)
-    if dst.exists():
-        shutil.rmtree(dst)
-    os.replace(tmp, dst)
 
 
 def save_compiled(program: dspy.Module, folder: str | os.PathLike) -> Path:
@@ -68,7 +54,7 @@ def save_compiled(program: dspy.Module, folder: str | os.PathLike) -> Path:
                 if not src.is_absolute():
                     src = folder / src
                 if src.resolve() != (folder / relative).resolve():
-                    _copy_adapter(src, folder / relative)
+                    copy_adapter(src, folder / relative)
                 originals.append((predictor, predictor.adapter))
                 # the saved state names the copy, relative to the folder, so the folder can move
                 predictor.adapter = {**adapter, "path": str(relative)}
@@ -93,7 +79,7 @@ def _take_structured_lms(state: dict, allow_unsafe_lm_state: bool) -> dict[str, 
     from dspy.clients.base_lm import LM_CLASS_STATE_KEY
     from dspy.predict.predict import _sanitize_lm_state
 
-    from .structured import StructuredLM
+    from ..infra.structured import StructuredLM
 
     ours = f"{StructuredLM.__module__}.{StructuredLM.__qualname__}"
     rebuilt = {}
@@ -104,26 +90,6 @@ def _take_structured_lms(state: dict, allow_unsafe_lm_state: bool) -> dict[str, 
             rebuilt[name] = StructuredLM(**clean)
             entry["lm"] = None
     return rebuilt
-
-
-#: weight files that are pickles (torch.load): never loaded unless the user allows it
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
-
-
-class UnsafeAdapterError(RuntimeError):
-    """An adapter folder holds pickled weights and the caller did not allow pickles."""
-
-
-def check_adapter_files(path: Path, *, allow_pickle: bool = False) -> None:
-    """Refuse an adapter whose weights are pickles (a pickle can run code when loaded)."""
-    pickles = sorted(p.name for p in path.iterdir() if p.is_file() and p.name.lower().endswith(PICKLE_SUFFIXES))
-    if pickles and not allow_pickle:
-        raise UnsafeAdapterError(
-            f"adapter {path} holds pickled files ({', '.join(pickles)}): loading them can run code. "
-            "Convert the adapter to safetensors, or pass allow_pickle=True if you trust its source."
-        )
-    if not pickles and not (path / "adapter_model.safetensors").is_file():
-        raise FileNotFoundError(f"adapter {path} has no adapter_model.safetensors")
 
 
 def load_compiled(
@@ -159,7 +125,7 @@ def load_compiled(
         if predictor.adapter:
             path = Path(predictor.adapter["path"])
             path = path if path.is_absolute() else folder / path
-            if not (path / "adapter_config.json").is_file():
+            if not (path / ADAPTER_CONFIG).is_file():
                 raise FileNotFoundError(f"the adapter {predictor.adapter['name']!r} is missing from {path}")
             check_adapter_files(path, allow_pickle=allow_pickle)
             predictor.adapter = {**predictor.adapter, "path": str(path.resolve())}
@@ -194,7 +160,7 @@ def serve_prompters(
     Returns:
         The server (None when no prompter has an adapter).
     """
-    from .serving import ServerConfig, shared_server
+    from ..infra.serving.server import ServerConfig, shared_server
 
     for _, predictor in prompt_generators(program):
         adapter = predictor.adapter

@@ -4,7 +4,7 @@ prompter sees at inference.
 TRPrompt trains the prompt model by hindsight relabelling with text: every prompt the prompter
 wrote is paired with the critique it earned, and the prompter learns to write that prompt when
 conditioned on that critique. This module turns :class:`RolloutRecord`\\ s into that training
-data and trains a LoRA adapter that :meth:`trprompt_dspy.serving.VLLMServer.load_adapter` serves::
+data and trains a LoRA adapter that :meth:`trprompt_dspy.infra.serving.server.VLLMServer.load_adapter` serves::
 
     result = finetune_prompter(records, "runs/x/adapters/r1", model="default", prompter=prompter)
     server.load_adapter("prompter-r1", result.adapter_dir)
@@ -67,14 +67,12 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-from .checks import choice_problem, int_problem
+from ..infra.adapters import ADAPTER_FILES, SUMMARY_FILE
+from ..infra.checks import choice_problem, int_problem
+from ..rollout.records import RolloutRecord, read_records
 
 logger = logging.getLogger(__name__)
 
-#: Name of the training summary written into every adapter folder.
-SUMMARY_FILE = "training_summary.json"
-#: Files an adapter folder may hold; anything else peft writes (its README model card) is removed.
-ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", SUMMARY_FILE)
 _SUMMARY_FORMAT = 1
 
 
@@ -93,98 +91,6 @@ class FinetuneCancelled(FinetuneError):
 # --------------------------------------------------------------------------------------------
 # records
 # --------------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass
-class RolloutRecord:
-    """One rollout of the prompter: the prompt it wrote for a question and what that earned.
-
-    The rollout stage writes these (one JSON object per line, see :func:`write_records`); the
-    fine-tuning stage trains the prompter to write ``prompt`` given ``question`` and
-    ``critique`` (hindsight relabelling: the critique becomes the textual reward).
-
-    Attributes:
-        question: the question the prompt was written for.
-        prompt: the prompt the prompter wrote (the training target).
-        critique: the critic's critique of that prompt (the training condition).
-        answer: the solver's final answer when given the prompt.
-        correct: whether ``answer`` matched the reference (None when unknown).
-        reasoning: the solver's reasoning.
-        score: the metric's score, for metrics that are not right/wrong.
-        reference: the gold answer.
-        reward: the textual reward the prompter was conditioned on when it wrote ``prompt``.
-        round: TRPrompt round that produced the record.
-        example_id: id of the question in its dataset.
-        extra: anything else worth keeping (unknown keys of a JSON line land here).
-    """
-
-    question: str
-    prompt: str
-    critique: str
-    answer: str = ""
-    correct: bool | None = None
-    reasoning: str = ""
-    score: float | None = None
-    reference: str = ""
-    reward: str = ""
-    round: int | None = None
-    example_id: str | None = None
-    extra: dict[str, Any] = dataclasses.field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict (``extra`` stays nested, so round trips are exact)."""
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> RolloutRecord:
-        """Build a record from a dict; keys that are not fields are kept in ``extra``.
-
-        Raises:
-            FinetuneInputError: a required field (question, prompt, critique) is missing.
-        """
-        if not isinstance(data, Mapping):
-            raise FinetuneInputError(f"a rollout record must be a JSON object, got {type(data).__name__}")
-        names = {field.name for field in dataclasses.fields(cls)}
-        missing = [key for key in ("question", "prompt", "critique") if key not in data]
-        if missing:
-            raise FinetuneInputError(f"rollout record lacks {', '.join(missing)}: {dict(data)!r:.200}")
-        known = {key: value for key, value in data.items() if key in names and key != "extra"}
-        extra = dict(data.get("extra") or {})
-        extra.update({key: value for key, value in data.items() if key not in names})
-        return cls(**known, extra=extra)
-
-
-def write_records(path: str | os.PathLike, records: Iterable[RolloutRecord]) -> Path:
-    """Write records as JSON lines (atomically: a temp file renamed into place)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for record in records:
-            f.write(json.dumps(record.to_dict(), ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
-    return path
-
-
-def read_records(path: str | os.PathLike) -> list[RolloutRecord]:
-    """Read records written by :func:`write_records` (blank lines are skipped).
-
-    Raises:
-        FinetuneInputError: the file is missing or a line is not a valid record (with its number).
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FinetuneInputError(f"records file {path} does not exist")
-    records = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                records.append(RolloutRecord.from_dict(json.loads(line)))
-            except (ValueError, TypeError) as error:
-                raise FinetuneInputError(f"{path}:{number}: not a rollout record: {error}") from error
-    return records
 
 
 # --------------------------------------------------------------------------------------------
@@ -376,7 +282,7 @@ def _prompter_predictor(prompter: Any) -> Any:
     import dspy
 
     if prompter is None:
-        from .modules import PromptGenerator
+        from ..modules.predictor import PromptGenerator
 
         return PromptGenerator()
     if isinstance(prompter, dspy.Predict):
@@ -399,7 +305,7 @@ def _resolve_adapter(adapter: Any) -> Any:
 def compact_json_completion(signature: Any, outputs: Mapping[str, Any]) -> str:
     """The JSON object a schema-constrained server emits for ``outputs``: fields in signature
     order, no whitespace between tokens (vLLM's ``disable_any_whitespace``, the default of
-    :class:`trprompt_dspy.serving.ServerConfig`), non-ASCII characters as they are."""
+    :class:`trprompt_dspy.infra.serving.server.ServerConfig`), non-ASCII characters as they are."""
     from dspy.adapters.utils import serialize_for_json
 
     ordered = {name: serialize_for_json(outputs[name]) for name in signature.output_fields if name in outputs}
@@ -955,7 +861,7 @@ def train_lora(
         chat_data: examples; the last message of each is the target.
         output_dir: adapter folder to create (must not exist unless ``config.overwrite``).
         model: base model: ``"default"``, a model folder, a ``.gguf`` file (see
-            :func:`trprompt_dspy.models.resolve_model`).
+            :func:`trprompt_dspy.infra.models.resolve_model`).
         config: training settings (default :class:`FinetuneConfig`).
         cancel_event: set it to stop after the current step; then :class:`FinetuneCancelled`.
         callbacks: extra ``transformers.TrainerCallback``\\ s.
@@ -1015,7 +921,7 @@ def train_lora_on_tokens(
 
 
 def _check_run(output_dir: str | os.PathLike, model: str | os.PathLike, config: FinetuneConfig) -> tuple[Path, str]:
-    from .models import ModelNotAvailableError, resolve_model
+    from ..infra.models import ModelNotAvailableError, resolve_model
 
     output_dir = Path(output_dir).expanduser().absolute()
     _check_output_dir(output_dir, config.overwrite)

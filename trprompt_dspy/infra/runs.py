@@ -24,12 +24,14 @@ import os
 import threading
 import uuid
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
+
+from ..errors import TRPromptError
 
 logger = logging.getLogger(__name__)
 
 
-class RunFolderError(RuntimeError):
+class RunFolderError(TRPromptError, RuntimeError):
     """The run folder cannot be used (unwritable, or it belongs to a different run)."""
 
 
@@ -91,12 +93,16 @@ class JsonlAppender:
                 raise RunFolderError(f"cannot write {self.path}: {exc.strerror or exc}") from exc
 
 
-def read_jsonl(path: str | os.PathLike) -> list[dict]:
-    """Objects of a JSONL file; a torn last line (the process died mid-write) is dropped."""
+def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, Any]]:
+    """(line number, object) of each line of a JSONL file; blank lines are skipped and a torn last
+    line (the process died mid-write) is dropped with a warning.
+
+    Raises:
+        RunFolderError: a line other than the last is not JSON (the file was damaged, not torn).
+    """
     path = Path(path)
     if not path.is_file():
-        return []
-    rows = []
+        return
     # split on "\n" only: str.splitlines() also breaks at U+2028, U+0085... which json.dumps
     # leaves raw inside strings (a tiny model's random text contained one)
     lines = path.read_text(encoding="utf-8").split("\n")
@@ -106,13 +112,18 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
         if not line.strip():
             continue
         try:
-            rows.append(json.loads(line))
+            row = json.loads(line)
         except json.JSONDecodeError:
             if number == len(lines):
                 logger.warning("%s: dropping a torn last line", path)
                 continue
             raise RunFolderError(f"{path}:{number}: not valid JSON") from None
-    return rows
+        yield number, row
+
+
+def read_jsonl(path: str | os.PathLike) -> list[Any]:
+    """Objects of a JSONL file (see :func:`iter_jsonl`); a missing file reads as empty."""
+    return [row for _, row in iter_jsonl(path)]
 
 
 class RunFolder:

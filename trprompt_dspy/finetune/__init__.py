@@ -1,0 +1,1 @@
+"""LoRA SFT of the prompter on rollout records (peft + trl)."""

@@ -1,0 +1,1 @@
+"""The TextGrad search of the optimal textual reward t*."""

@@ -1,0 +1,1 @@
+"""One pass of the prompter over a dataset: prompts -> answers -> scores -> critiques, as records."""

@@ -1,0 +1,1 @@
+"""``TRPromptTeleprompter``: the round loop (rollout, SFT, t* search, validation), its config and report."""
