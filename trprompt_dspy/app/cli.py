@@ -112,10 +112,10 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _compile(args: argparse.Namespace) -> int:
-    from .config_file import config_from_dict, load_config
-    from ..modules.program import TRPromptProgram
     from ..infra.serving.server import ServerConfig
+    from ..modules.program import TRPromptProgram
     from ..teleprompter.teleprompter import TRPromptTeleprompter
+    from .config_file import config_from_dict, load_config
 
     if args.val_size < 0:
         raise UserError(f"--val-size must be >= 0, got {args.val_size}")
@@ -187,10 +187,10 @@ def _base_model(manifest: dict[str, Any]) -> str:
 def _evaluate(args: argparse.Namespace) -> int:
     import dspy
 
-    from ..modules.compiled import serve_prompters
     from ..infra.evaluation import evaluate
     from ..infra.serving.server import ServerConfig
     from ..infra.structured import SafeJSONAdapter
+    from ..modules.compiled import serve_prompters
 
     program, manifest = _load_program(args.program)
     examples = _load_examples(args, split=args.split, limit=args.n)
@@ -215,8 +215,8 @@ def _serve(args: argparse.Namespace) -> int:
     import signal
     import threading
 
-    from ..modules.compiled import serve_prompters
     from ..infra.serving.server import ServerConfig
+    from ..modules.compiled import serve_prompters
 
     serving, stop_requested = threading.Event(), threading.Event()
 
@@ -322,12 +322,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     # --help and argument errors exit here, before the heavy imports below
     args = build_parser().parse_args(argv)
 
-    from ..infra.adapters import UnsafeAdapterError
-    from .config_file import ConfigError
     from ..data.loaders import DataError
+    from ..infra.adapters import UnsafeAdapterError
     from ..infra.models import ModelNotAvailableError
     from ..infra.runs import RunFolderError
     from ..infra.serving.server import ServerError
+    from .config_file import ConfigError
 
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("TEXTGRAD_DISABLE_LOGGING", "1")

@@ -9,21 +9,20 @@ run folder: the compile's report and plot, ``results.json`` and the compiled pro
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from pathlib import Path
 from typing import Any
 
 import dspy
 
-from ..infra.checks import check_ints
 from ..data.loaders import train_val_test
 from ..finetune.trainer import FinetuneConfig
+from ..infra.checks import check_ints
+from ..infra.runs import atomic_write_json
+from ..infra.structured import SafeJSONAdapter
 from ..metrics import metric_for
 from ..reward_search.search import RewardSearchConfig
 from ..rollout.rollout import RolloutConfig
-from ..infra.runs import atomic_write_json
-from ..infra.structured import SafeJSONAdapter
 from ..teleprompter.teleprompter import TRPromptConfig
 
 
@@ -99,8 +98,8 @@ def run_demo(settings: DemoSettings, console: Any = None) -> dict[str, Any]:
 
     from ..baselines import ZeroShot, ZeroShotCoT, untrained_prompter
     from ..infra.evaluation import evaluate
-    from ..modules.program import TRPromptProgram
     from ..infra.serving.server import ServerConfig, VLLMServer
+    from ..modules.program import TRPromptProgram
     from ..teleprompter.teleprompter import TRPromptTeleprompter
 
     console = console or Console()

@@ -8,7 +8,12 @@
   optimization (one instruction for every question), with TextGrad and with DSPy's COPRO.
 """
 
-from .instruction import FixedPrompter, TaskInstructionProgram, copro_instruction, textgrad_instruction
+from .instruction import (
+    FixedPrompter,
+    TaskInstructionProgram,
+    copro_instruction,
+    textgrad_instruction,
+)
 from .qpo import QPO_REWARD_TEMPLATE, QPOTeleprompter
 from .simple import ZeroShot, ZeroShotCoT, untrained_prompter
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import dspy
 
-from ..modules.roles import Solver
 from ..modules.program import TRPromptProgram
+from ..modules.roles import Solver
 from ..prompts.defaults import ZERO_SHOT_COT_PROMPT
 
 

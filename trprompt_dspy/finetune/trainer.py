@@ -63,12 +63,13 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 from ..infra.adapters import ADAPTER_FILES, SUMMARY_FILE
 from ..infra.checks import choice_problem, int_problem
+from ..infra.device import DeviceError, cpu_has_native_bf16, idle_cores, resolve_device
 from ..rollout.records import RolloutRecord, read_records
 
 logger = logging.getLogger(__name__)
@@ -560,38 +561,6 @@ def prepare_examples(
 # --------------------------------------------------------------------------------------------
 
 
-def cpu_has_native_bf16() -> bool:
-    """True when the CPU has bf16 instructions (AVX512-bf16 or AMX), so bf16 autocast pays."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = f.read()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def idle_cores(sample_s: float = 0.5) -> float | None:
-    """Cores left idle by every process on the machine, sampled over ``sample_s`` (Linux).
-
-    Returns None where ``/proc/stat`` cannot be read.
-    """
-
-    def read() -> tuple[int, int] | None:
-        try:
-            with open("/proc/stat") as f:
-                fields = [int(x) for x in f.readline().split()[1:]]
-        except (OSError, ValueError):
-            return None
-        return fields[3] + (fields[4] if len(fields) > 4 else 0), sum(fields)  # idle + iowait, total
-
-    first = read()
-    time.sleep(sample_s)
-    second = read()
-    if first is None or second is None or second[1] <= first[1]:
-        return None
-    return (os.cpu_count() or 1) * (second[0] - first[0]) / (second[1] - first[1])
-
-
 def micro_batch_size(config: FinetuneConfig, device: str) -> int:
     """Sequences per forward pass: a divisor of ``per_device_batch_size`` (see ``FinetuneConfig``)."""
     wanted = config.micro_batch_size or (2 if device == "cpu" else config.per_device_batch_size)
@@ -650,10 +619,10 @@ def resolve_device_settings(config: FinetuneConfig, model_dir: str) -> DeviceSet
     """
     import torch
 
-    has_cuda = torch.cuda.is_available()
-    if config.device == "cuda" and not has_cuda:
-        raise FinetuneInputError("device='cuda' but torch sees no CUDA GPU")
-    device = "cuda" if (config.device == "cuda" or (config.device == "auto" and has_cuda)) else "cpu"
+    try:
+        device = resolve_device(config.device)
+    except DeviceError as error:
+        raise FinetuneInputError(str(error)) from error
     if device == "cuda":
         native_bf16 = torch.cuda.is_bf16_supported()
         bf16 = native_bf16 if config.bf16 is None else config.bf16

@@ -21,9 +21,9 @@ from typing import Any
 
 import dspy
 
-from .predictor import PromptGenerator
 from ..infra.adapters import ADAPTER_CONFIG, check_adapter_files, copy_adapter
 from ..infra.runs import atomic_write_json, read_json, versions
+from .predictor import PromptGenerator
 
 logger = logging.getLogger(__name__)
 

@@ -55,11 +55,11 @@ from typing import Any, Callable, Literal, Sequence
 import dspy
 from dspy.utils.exceptions import AdapterParseError
 
-from ..prompts import reward_search as prompts
 from ..infra.checks import check_choice, check_ints
 from ..infra.parallel import run_parallel
 from ..infra.runs import atomic_write_json
 from ..infra.textgrad_engine import DSPyEngine, is_hosted_vllm, regex_extra_body, tg
+from ..prompts import reward_search as prompts
 
 logger = logging.getLogger(__name__)
 

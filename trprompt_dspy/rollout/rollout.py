@@ -21,11 +21,12 @@ from typing import Any, Callable, Sequence
 import dspy
 
 from ..infra.checks import check_choice, check_ints
-from .records import RolloutRecord
-from ..modules.roles import QueryAwarePrompter, Solver, TextualCritic
 from ..infra.parallel import run_parallel
+from ..infra.runs import JsonlAppender, RunFolderError
+from ..infra.scoring import example_id, is_correct, score_prediction
+from ..modules.roles import QueryAwarePrompter, Solver, TextualCritic
 from ..prompts.defaults import NUMERIC_REWARD_TEMPLATE
-from ..infra.runs import JsonlAppender, RunFolderError, read_jsonl
+from .records import RolloutRecord, read_records
 
 logger = logging.getLogger(__name__)
 
@@ -91,11 +92,6 @@ def numeric_reward(score: float, template: str = NUMERIC_REWARD_TEMPLATE) -> str
     return template.format(score=float(score))
 
 
-def _score(metric: Callable[..., Any], example: dspy.Example, prediction: Any) -> float:
-    value = metric(example, prediction)
-    return float(value) if not isinstance(value, bool) else float(bool(value))
-
-
 def run_rollout(
     prompter: QueryAwarePrompter,
     solver: Solver,
@@ -133,15 +129,14 @@ def run_rollout(
         raise ValueError("a TextualCritic is needed when reward='textual'")
     if not examples:
         raise ValueError("run_rollout needs at least one example")
-    ids = [str(ex.get("id") or i) for i, ex in enumerate(examples)]
+    ids = [example_id(ex, i) for i, ex in enumerate(examples)]
     if len(set(ids)) != len(ids):
         raise ValueError("examples must have distinct ids (records are matched to questions by id)")
 
     resumed: dict[tuple[str, int], RolloutRecord] = {}
     appender = None
     if records_path is not None:
-        for row in read_jsonl(records_path):
-            record = RolloutRecord.from_dict(row)
+        for record in read_records(records_path) if Path(records_path).is_file() else []:
             resumed[(str(record.example_id), int(record.extra.get("sample", -1)))] = record
         appender = JsonlAppender(records_path)
 
@@ -161,11 +156,11 @@ def run_rollout(
         try:
             solved = solver(question=example.question, prompt=prompt)
             answer, reasoning = str(solved.answer), str(solved.reasoning)
-            score = _score(metric, example, solved)
+            score = score_prediction(metric, example, solved)
         except dspy.utils.exceptions.AdapterParseError as exc:
             # the prompt led to an unparseable answer: a wrong answer, still worth a critique
             answer, reasoning, score = "", f"(the solver's reply could not be parsed: {str(exc)[:200]})", 0.0
-        correct = score >= 1.0
+        correct = is_correct(score)
         if config.reward == "numeric":
             critique = numeric_reward(score, config.reward_template)
         else:

@@ -28,18 +28,24 @@ from typing import Any, Callable, Sequence
 import dspy
 from dspy.teleprompt.teleprompt import Teleprompter
 
+from ..finetune.trainer import FinetuneConfig, finetune_prompter
 from ..infra.checks import check_choice, check_ints
 from ..infra.evaluation import evaluate
-from ..finetune.trainer import FinetuneConfig, finetune_prompter
-from ..rollout.records import RolloutRecord, read_records
 from ..infra.parallel import check_interrupted, watch_sigint
+from ..infra.runs import RunFolder, atomic_write_json, versions
+from ..infra.scoring import example_id
+from ..infra.structured import SafeJSONAdapter
+from ..infra.usage import LMBusyClock, UsageMeter
 from ..modules.roles import QueryAwarePrompter, Solver, TextualCritic
 from ..prompts.defaults import INITIAL_REWARD
 from ..reward_search.search import RewardSearchConfig, search_reward
-from ..rollout.rollout import RolloutConfig, numeric_reward, records_path_for, run_rollout
-from ..infra.runs import RunFolder, atomic_write_json, versions
-from ..infra.structured import SafeJSONAdapter
-from ..infra.usage import LMBusyClock, UsageMeter
+from ..rollout.records import RolloutRecord, read_records
+from ..rollout.rollout import (
+    RolloutConfig,
+    numeric_reward,
+    records_path_for,
+    run_rollout,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -261,8 +267,8 @@ class TRPromptTeleprompter(Teleprompter):
         return {
             "config": _fingerprinted(self.config.to_dict()),
             "base_model": self.server.model_path,
-            "trainset": [str(ex.get("id", i)) for i, ex in enumerate(trainset)],
-            "valset": [str(ex.get("id", i)) for i, ex in enumerate(valset or [])],
+            "trainset": [example_id(ex, i) for i, ex in enumerate(trainset)],
+            "valset": [example_id(ex, i) for i, ex in enumerate(valset or [])],
             "structured": self.structured,
         }
 

@@ -45,6 +45,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from ..checks import check_choice, check_ints
+from ..device import resolve_device
 
 logger = logging.getLogger(__name__)
 
@@ -217,27 +218,6 @@ class ServerConfig:
             raise ValueError("startup_timeout_s must be > 0 and stop_grace_s >= 0")
         if isinstance(self.extra_args, str):
             raise TypeError("extra_args must be a sequence of arguments, not one string")
-
-
-def resolve_device(device: str = "auto") -> str:
-    """Return ``"cuda"`` or ``"cpu"`` for a :class:`ServerConfig` device setting.
-
-    Raises:
-        ServerError: ``"cuda"`` was asked for but torch sees no GPU.
-    """
-    if device not in ("auto", "cpu", "cuda"):
-        raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {device!r}")
-    if device == "cpu":
-        return "cpu"
-    try:
-        import torch
-
-        has_cuda = torch.cuda.is_available()
-    except Exception:  # a broken CUDA install must not stop a CPU run
-        has_cuda = False
-    if device == "cuda" and not has_cuda:
-        raise ServerError("device='cuda' but torch sees no CUDA GPU (is the GPU build of vllm installed?)")
-    return "cuda" if has_cuda else "cpu"
 
 
 def free_port(host: str = "127.0.0.1") -> int:
