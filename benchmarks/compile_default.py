@@ -65,11 +65,11 @@ def main() -> None:
 
     import trprompt_dspy as t
     from trprompt_dspy.data import load_dataset
-    from trprompt_dspy.finetune.trainer import FinetuneConfig
+    from trprompt_dspy.finetune import FinetuneConfig
     from trprompt_dspy.metrics import gsm8k_metric
-    from trprompt_dspy.reward_search.search import RewardSearchConfig
+    from trprompt_dspy.reward_search import RewardSearchConfig
     from trprompt_dspy.rollout.rollout import RolloutConfig
-    from trprompt_dspy.teleprompter.teleprompter import TRPromptConfig, TRPromptTeleprompter
+    from trprompt_dspy.teleprompter import TRPromptConfig, TRPromptTeleprompter
 
     train = load_dataset("gsm8k", "train", data_dir=args.data_dir, limit=args.train)
     val = load_dataset("gsm8k", "test", data_dir=args.data_dir, limit=args.val)

@@ -40,7 +40,7 @@ sys.path.insert(0, str(REPO))
 import dspy  # noqa: E402
 from dspy.utils.exceptions import AdapterParseError  # noqa: E402
 
-from trprompt_dspy.infra.serving.server import ServerConfig, VLLMServer  # noqa: E402
+from trprompt_dspy.infra.serving import ServerConfig, VLLMServer  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results"
 DATA = Path(os.environ.get("TRPROMPT_TEST_DATA_DIR", REPO.parent / "shared" / "data")) / "gsm8k" / "test.jsonl"

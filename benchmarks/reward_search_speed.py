@@ -76,8 +76,8 @@ def main() -> None:
     from trprompt_dspy.data import load_dataset
     from trprompt_dspy.metrics import metric_for
     from trprompt_dspy.modules.roles import QueryAwarePrompter, Solver
-    from trprompt_dspy.reward_search.search import RewardSearch, RewardSearchConfig
-    from trprompt_dspy.infra.serving.server import ServerConfig, VLLMServer
+    from trprompt_dspy.reward_search import RewardSearch, RewardSearchConfig
+    from trprompt_dspy.infra.serving import ServerConfig, VLLMServer
     from trprompt_dspy.infra.structured import StructuredLM
 
     server = None

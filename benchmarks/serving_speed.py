@@ -40,7 +40,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from trprompt_dspy.infra.models import build_tiny_model, default_model_dir  # noqa: E402
-from trprompt_dspy.infra.serving.server import ServerConfig, VLLMServer  # noqa: E402
+from trprompt_dspy.infra.serving import ServerConfig, VLLMServer  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results"
 PROMPTS = [

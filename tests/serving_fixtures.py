@@ -65,7 +65,7 @@ def tiny_lora_adapters(tiny_model_dir, tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="session")
 def vllm_server(tiny_model_dir, tmp_path_factory):
-    from trprompt_dspy.infra.serving.server import ServerConfig, VLLMServer
+    from trprompt_dspy.infra.serving import ServerConfig, VLLMServer
 
     config = ServerConfig(
         model=str(tiny_model_dir),

@@ -24,16 +24,15 @@ from dspy.utils.exceptions import AdapterParseError  # noqa: E402
 from transformers import AutoTokenizer, TrainerCallback  # noqa: E402
 
 import trprompt_dspy.finetune.trainer as ft  # noqa: E402
-from trprompt_dspy.finetune.trainer import (
+from trprompt_dspy.finetune import (
     FinetuneCancelled,
     FinetuneConfig,
     FinetuneInputError,
     finetune_prompter,
     format_prompter_example,
     records_to_chat_data,
-    render_prompt,
-    tokenize_chat_example,
 )
+from trprompt_dspy.finetune.trainer import render_prompt, tokenize_chat_example
 from trprompt_dspy.rollout.records import RolloutRecord, read_records, write_records
 from trprompt_dspy.modules.roles import QueryAwarePrompter  # noqa: E402
 
@@ -281,7 +280,7 @@ def test_an_interrupted_run_leaves_no_adapter_and_keeps_the_old_one(tiny_dir, tm
 def ft_server(tiny_dir, tmp_path_factory):
     """One vLLM server on the steerable tiny model for this module (fp32: greedy output must
     not depend on batching)."""
-    from trprompt_dspy.infra.serving.server import ServerConfig, VLLMServer
+    from trprompt_dspy.infra.serving import ServerConfig, VLLMServer
 
     config = ServerConfig(
         model=str(tiny_dir), served_model_name="tiny-ft", device="cpu", dtype="float32",

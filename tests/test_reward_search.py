@@ -28,13 +28,11 @@ from dspy.utils.dummies import DummyLM
 
 from trprompt_dspy.modules.roles import QueryAwarePrompter, Solver
 from trprompt_dspy.prompts.reward_search import EVALUATION_SYSTEM_PROMPT
-from trprompt_dspy.reward_search.search import (
-    BEST_REWARD_FILE,
-    TRACE_FILE,
+from trprompt_dspy.reward_search.search import BEST_REWARD_FILE, TRACE_FILE, _Sampler
+from trprompt_dspy.reward_search import (
     RewardSearch,
     RewardSearchConfig,
     RewardSearchError,
-    _Sampler,
     parse_improved_variable,
     search_reward,
 )

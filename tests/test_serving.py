@@ -24,7 +24,7 @@ import dspy
 from dspy.utils.exceptions import AdapterParseError
 
 from trprompt_dspy.infra.models import ModelNotAvailableError
-from trprompt_dspy.infra.serving.server import AdapterError, ServerConfig, ServerStartError, VLLMServer
+from trprompt_dspy.infra.serving import AdapterError, ServerConfig, ServerStartError, VLLMServer
 from trprompt_dspy.infra.structured import StructuredLM
 
 PROMPTS = [f"Question {i}: what is {i} plus {i + 3}?" for i in range(4)]

@@ -12,12 +12,13 @@ import pytest
 
 import trprompt_dspy as t
 from trprompt_dspy.data import load_dataset
-from trprompt_dspy.finetune.trainer import FinetuneConfig
+from trprompt_dspy.finetune import FinetuneConfig
 from trprompt_dspy.metrics import gsm8k_metric
-from trprompt_dspy.reward_search.search import RewardSearchConfig
+from trprompt_dspy.reward_search import RewardSearchConfig
 from trprompt_dspy.rollout.rollout import RolloutConfig
 from trprompt_dspy.infra.runs import read_jsonl
-from trprompt_dspy.teleprompter.teleprompter import TRPromptConfig, TRPromptTeleprompter, rebalance_records
+from trprompt_dspy.teleprompter import TRPromptConfig, TRPromptTeleprompter
+from trprompt_dspy.teleprompter.teleprompter import rebalance_records
 
 
 def tiny_config(**overrides) -> TRPromptConfig:
@@ -237,7 +238,7 @@ def _holds(records, at_least: int):
 
 
 def test_server_killed_mid_rollout_is_restarted_or_stops_resumably(vllm_server, shared_data_dir, tmp_path):
-    from trprompt_dspy.teleprompter.teleprompter import ServerDiedError
+    from trprompt_dspy.teleprompter import ServerDiedError
 
     config = dataclasses.replace(vllm_server.config, port=None, log_path=tmp_path / "vllm.log")
     train = load_dataset("gsm8k", "train", data_dir=shared_data_dir, limit=6)

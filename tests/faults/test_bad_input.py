@@ -14,7 +14,7 @@ import trprompt_dspy as t
 from trprompt_dspy.infra.adapters import UnsafeAdapterError
 from trprompt_dspy.modules.compiled import load_compiled
 from trprompt_dspy.infra.runs import JsonlAppender, RunFolder, RunFolderError, atomic_write_json, read_jsonl
-from trprompt_dspy.infra.serving.server import AdapterError
+from trprompt_dspy.infra.serving import AdapterError
 
 
 def _no_space(*args, **kwargs):

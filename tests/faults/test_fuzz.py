@@ -21,7 +21,7 @@ from trprompt_dspy.metrics import (
     parse_number,
     svamp_metric,
 )
-from trprompt_dspy.reward_search.search import parse_improved_variable
+from trprompt_dspy.reward_search import parse_improved_variable
 from trprompt_dspy.prompts.signatures import CritiquePrompt, GeneratePrompt, SolveWithPrompt
 from trprompt_dspy.infra.structured import SafeJSONAdapter
 

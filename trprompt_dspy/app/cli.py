@@ -86,7 +86,7 @@ def _metric(args: argparse.Namespace):
 
 
 def _start_server(config: Any) -> Any:
-    from ..infra.serving.server import VLLMServer
+    from ..infra.serving import VLLMServer
 
     _check_port(config.host, config.port)
     return VLLMServer(config).start()
@@ -112,9 +112,9 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _compile(args: argparse.Namespace) -> int:
-    from ..infra.serving.server import ServerConfig
+    from ..infra.serving import ServerConfig
     from ..modules.program import TRPromptProgram
-    from ..teleprompter.teleprompter import TRPromptTeleprompter
+    from ..teleprompter import TRPromptTeleprompter
     from .config_file import config_from_dict, load_config
 
     if args.val_size < 0:
@@ -188,7 +188,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     import dspy
 
     from ..infra.evaluation import evaluate
-    from ..infra.serving.server import ServerConfig
+    from ..infra.serving import ServerConfig
     from ..infra.structured import SafeJSONAdapter
     from ..modules.compiled import serve_prompters
 
@@ -215,7 +215,7 @@ def _serve(args: argparse.Namespace) -> int:
     import signal
     import threading
 
-    from ..infra.serving.server import ServerConfig
+    from ..infra.serving import ServerConfig
     from ..modules.compiled import serve_prompters
 
     serving, stop_requested = threading.Event(), threading.Event()
@@ -326,7 +326,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from ..infra.adapters import UnsafeAdapterError
     from ..infra.models import ModelNotAvailableError
     from ..infra.runs import RunFolderError
-    from ..infra.serving.server import ServerError
+    from ..infra.serving import ServerError
     from .config_file import ConfigError
 
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")

@@ -31,10 +31,10 @@ import typing
 from pathlib import Path
 from typing import Any, Mapping
 
-from ..finetune.trainer import FinetuneConfig
-from ..reward_search.search import RewardSearchConfig
+from ..finetune import FinetuneConfig
+from ..reward_search import RewardSearchConfig
 from ..rollout.rollout import RolloutConfig
-from ..teleprompter.teleprompter import TRPromptConfig
+from ..teleprompter import TRPromptConfig
 
 _SECTIONS: dict[str, type] = {"rollout": RolloutConfig, "finetune": FinetuneConfig, "search": RewardSearchConfig}
 

@@ -16,14 +16,14 @@ from typing import Any
 import dspy
 
 from ..data.loaders import train_val_test
-from ..finetune.trainer import FinetuneConfig
+from ..finetune import FinetuneConfig
 from ..infra.checks import check_ints
 from ..infra.runs import atomic_write_json
 from ..infra.structured import SafeJSONAdapter
 from ..metrics import metric_for
-from ..reward_search.search import RewardSearchConfig
+from ..reward_search import RewardSearchConfig
 from ..rollout.rollout import RolloutConfig
-from ..teleprompter.teleprompter import TRPromptConfig
+from ..teleprompter import TRPromptConfig
 
 
 @dataclasses.dataclass
@@ -98,9 +98,9 @@ def run_demo(settings: DemoSettings, console: Any = None) -> dict[str, Any]:
 
     from ..baselines import ZeroShot, ZeroShotCoT, untrained_prompter
     from ..infra.evaluation import evaluate
-    from ..infra.serving.server import ServerConfig, VLLMServer
+    from ..infra.serving import ServerConfig, VLLMServer
     from ..modules.program import TRPromptProgram
-    from ..teleprompter.teleprompter import TRPromptTeleprompter
+    from ..teleprompter import TRPromptTeleprompter
 
     console = console or Console()
     metric = metric_for(settings.dataset)

@@ -17,7 +17,7 @@ import dspy
 
 from ..modules.roles import QueryAwarePrompter, Solver
 from ..prompts.defaults import ZERO_SHOT_COT_PROMPT
-from ..reward_search.search import RewardSearchConfig, search_reward
+from ..reward_search import RewardSearchConfig, search_reward
 
 INSTRUCTION_ROLE_DESCRIPTION = (
     "instruction given to a solver together with every question of a task (the same instruction "

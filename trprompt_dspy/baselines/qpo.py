@@ -24,7 +24,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from ..teleprompter.teleprompter import TRPromptConfig, TRPromptTeleprompter
+from ..teleprompter import TRPromptConfig, TRPromptTeleprompter
 
 #: How QPO's return is shown to the prompter (a return-to-go token in the original).
 QPO_REWARD_TEMPLATE = "Return-to-go (reward the prompt earns): {score:.2f}"

@@ -160,7 +160,7 @@ def serve_prompters(
     Returns:
         The server (None when no prompter has an adapter).
     """
-    from ..infra.serving.server import ServerConfig, shared_server
+    from ..infra.serving import ServerConfig, shared_server
 
     for _, predictor in prompt_generators(program):
         adapter = predictor.adapter
