@@ -180,6 +180,83 @@ def test_config_validation():
         ServerConfig(extra_args="--foo bar")
 
 
+def test_serving_errors_are_library_errors():
+    from trprompt_dspy.errors import TRPromptError
+    from trprompt_dspy.infra.serving import ServerError
+
+    assert issubclass(ServerError, TRPromptError) and issubclass(ServerError, RuntimeError)
+    assert issubclass(ServerStartError, ServerError) and issubclass(AdapterError, ServerError)
+
+
+def test_vllm_arguments_and_environment_follow_the_device(monkeypatch):
+    from trprompt_dspy.infra.serving.config import vllm_args, vllm_env
+
+    config = ServerConfig(max_loras=3, max_lora_rank=8, tensor_parallel_size=2, gpu_memory_utilization=0.5,
+                          extra_args=["--max-num-batched-tokens", 512], extra_env={"OMP_NUM_THREADS": 7})
+    names = dict(model_path="/m", served_model_name="m", port=1234)
+    cpu, gpu = vllm_args(config, device="cpu", **names), vllm_args(config, device="cuda", **names)
+    assert "--enforce-eager" in cpu and "--enforce-eager" not in gpu  # start-up time matters on CPU
+    assert "--tensor-parallel-size" not in cpu and gpu[gpu.index("--tensor-parallel-size") + 1] == "2"
+    assert gpu[gpu.index("--gpu-memory-utilization") + 1] == "0.5"
+    for args in (cpu, gpu):
+        assert args[args.index("--max-loras") + 1] == "3" and args[args.index("--port") + 1] == "1234"
+        assert args[-2:] == ["--max-num-batched-tokens", "512"]
+    assert "--enable-lora" not in vllm_args(ServerConfig(enable_lora=False), device="cpu", **names)
+    monkeypatch.delenv("VLLM_ENABLE_V1_MULTIPROCESSING", raising=False)
+    env = vllm_env(config, device="cpu")
+    assert env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "True" and env["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"
+    assert env["OMP_NUM_THREADS"] == "7"  # extra_env wins
+    assert "VLLM_ENABLE_V1_MULTIPROCESSING" not in vllm_env(config, device="cuda")  # CPU-only settings
+
+
+def test_cuda_without_a_gpu_is_a_device_error_before_anything_starts():
+    from trprompt_dspy.infra.device import DeviceError, cuda_available
+
+    if cuda_available():
+        pytest.skip("this machine has a GPU")
+    server = VLLMServer(device="cuda")
+    with pytest.raises(DeviceError, match="no CUDA GPU"):
+        server.start()
+    assert server.pid is None and not server.running
+
+
+def test_launcher_runs_the_module_as_python_m_would(tmp_path, monkeypatch):
+    """The launcher (run by its path) hands vLLM's module its arguments as ``__main__``, keeps its
+    own folder off ``sys.path`` (its siblings would shadow top-level modules), and patches vLLM's
+    unload route; closing the caller's pipe takes the process group down."""
+    from trprompt_dspy.infra.serving import process
+
+    probe = tmp_path / "probe_main.py"
+    probe.write_text(
+        "import json, sys, time\n"
+        "print('PROBE ' + json.dumps({'argv': sys.argv[1:], 'name': __name__, 'path': sys.path}), flush=True)\n"
+        "time.sleep(120)\n"
+    )
+    monkeypatch.setattr(process, "VLLM_MODULE", "probe_main")
+    log = tmp_path / "launcher.log"
+    env = dict(os.environ, PYTHONPATH=str(tmp_path))
+    proc = process.ServerProcess.launch(sys.executable, ["--port", "1"], env=env, log_path=log, grace_s=1)
+    try:
+        deadline = time.monotonic() + 120
+        while "PROBE " not in log.read_text() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        text = log.read_text()
+        assert "PROBE " in text, text
+        seen = json.loads(text.split("PROBE ", 1)[1].splitlines()[0])
+        assert seen["argv"] == ["--port", "1"] and seen["name"] == "__main__"
+        assert str(process.LAUNCHER.parent) not in seen["path"] and seen["path"][0] == ""
+        assert "unload patch not applied" not in text, text
+        pids = proc.pids()
+        assert pids == [proc.pid]
+        # the caller "dies": its end of the pipe closes, and the watchdog stops the group
+        os.close(proc._watch_fd)
+        proc._watch_fd = -1
+        assert _wait_gone(pids, timeout_s=10) == []
+        assert "caller is gone" in log.read_text()
+    finally:
+        proc.stop(grace_s=1)
+
+
 def test_missing_model_path_fails_before_starting(tmp_path):
     server = VLLMServer(model=str(tmp_path / "no-such-model"), device="cpu")
     with pytest.raises(ModelNotAvailableError, match="does not exist"):
@@ -208,7 +285,7 @@ def test_killed_caller_leaves_no_orphan(tiny_model_dir, tmp_path):
     script = textwrap.dedent(
         f"""
         import json, sys, time
-        from trprompt_dspy.infra.serving.server import VLLMServer
+        from trprompt_dspy.infra.serving import VLLMServer
         server = VLLMServer(model={str(tiny_model_dir)!r}, device="cpu", dtype="float32",
                             max_lora_rank=8, startup_timeout_s=300, stop_grace_s=3,
                             log_path={str(tmp_path / "orphan.log")!r})
