@@ -94,10 +94,10 @@ def main(argv=None) -> int:
     import dspy
 
     from trprompt_dspy.finetune import FinetuneConfig, finetune_prompter
-    from trprompt_dspy.rollout.records import RolloutRecord
-    from trprompt_dspy.modules.roles import QueryAwarePrompter
     from trprompt_dspy.infra.parallel import run_parallel
     from trprompt_dspy.infra.serving import VLLMServer
+    from trprompt_dspy.modules.roles import QueryAwarePrompter
+    from trprompt_dspy.rollout.records import RolloutRecord
 
     questions = load_questions(args.train + args.heldout)
     train_q, held_q = questions[: args.train], questions[args.train:]

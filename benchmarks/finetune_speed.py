@@ -46,9 +46,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from trprompt_dspy.finetune import FinetuneConfig, records_to_chat_data
-from trprompt_dspy.finetune.trainer import (
+from trprompt_dspy.finetune import (
+    FinetuneConfig,
     TokenizedExample,
+    records_to_chat_data,
     stop_token_strings,
     tokenize_chat_example,
     train_lora_on_tokens,

@@ -7,6 +7,7 @@ tests load them into one module-scoped vLLM server and decode greedily through t
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
 import threading
@@ -23,18 +24,30 @@ from dspy.utils.dummies import DummyLM  # noqa: E402
 from dspy.utils.exceptions import AdapterParseError  # noqa: E402
 from transformers import AutoTokenizer, TrainerCallback  # noqa: E402
 
-import trprompt_dspy.finetune.trainer as ft  # noqa: E402
-from trprompt_dspy.finetune import (
+import trprompt_dspy.finetune.trainer as trainer  # noqa: E402
+from trprompt_dspy.errors import TRPromptError  # noqa: E402
+from trprompt_dspy.finetune import (  # noqa: E402
     FinetuneCancelled,
     FinetuneConfig,
+    FinetuneError,
     FinetuneInputError,
     finetune_prompter,
     format_prompter_example,
+    prepare_examples,
     records_to_chat_data,
+    render_prompt,
+    stop_token_strings,
+    tokenize_chat_example,
 )
-from trprompt_dspy.finetune.trainer import render_prompt, tokenize_chat_example
-from trprompt_dspy.rollout.records import RolloutRecord, read_records, write_records
+from trprompt_dspy.finetune.__main__ import main  # noqa: E402
+from trprompt_dspy.infra.settings import result_settings  # noqa: E402
 from trprompt_dspy.modules.roles import QueryAwarePrompter  # noqa: E402
+from trprompt_dspy.rollout.records import (  # noqa: E402
+    RecordError,
+    RolloutRecord,
+    read_records,
+    write_records,
+)
 
 RECORDS = [
     RolloutRecord(question="What is 2+3?", prompt="Add the two numbers.", critique="The prompt was clear.",
@@ -78,7 +91,7 @@ def test_records_round_trip_through_jsonl(tmp_path):
     assert read_records(path) == RECORDS
     # Unknown keys survive in `extra`; a line without a critique is refused with its number.
     path.write_text(json.dumps({**RECORDS[0].to_dict(), "temperature": 0.7}) + "\n\n" + json.dumps({"question": "q"}) + "\n")
-    with pytest.raises(FinetuneInputError, match=r"r.jsonl:3: .*lacks prompt, critique"):
+    with pytest.raises(RecordError, match=r"r.jsonl:3: .*lacks prompt, critique"):
         read_records(path)
     path.write_text(json.dumps({**RECORDS[0].to_dict(), "temperature": 0.7}) + "\n")
     assert read_records(path)[0].extra == {"temperature": 0.7}
@@ -119,7 +132,7 @@ def test_training_messages_are_what_the_prompter_sends(adapter_cls):
 
 def test_completion_tokens_end_at_the_stop_token(tokenizer, tiny_dir):
     messages = records_to_chat_data(RECORDS[:1])[0]["messages"]
-    stops = ft.stop_token_strings(tokenizer, tiny_dir)
+    stops = stop_token_strings(tokenizer, tiny_dir)
     assert stops == ["<|im_end|>"]
     example = tokenize_chat_example(tokenizer, messages, stops)
     # The prompt ids are the rendered chat with the generation prompt, as vLLM builds them.
@@ -192,7 +205,7 @@ def no_training(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("training started")
 
-    monkeypatch.setattr(ft, "_train", refuse)
+    monkeypatch.setattr(trainer, "_train", refuse)
 
 
 def test_empty_or_identical_records_are_refused(tiny_dir, tmp_path, no_training):
@@ -220,10 +233,10 @@ def test_overlong_records_are_counted_truncated_dropped_or_refused(tiny_dir, tok
     limit = lengths[0].length + 5  # the short record fits, the long one does not
     assert lengths[1].length > limit and len(lengths[1].prompt_ids) < limit
     chat = records_to_chat_data([RECORDS[0], long])
-    truncated = ft.prepare_examples(chat, tokenizer, FinetuneConfig(max_length=limit), stop_strings=stops)
+    truncated = prepare_examples(chat, tokenizer, FinetuneConfig(max_length=limit), stop_strings=stops)
     assert truncated.stats["overlength"] == 1 and truncated.stats["truncated"] == 1
     assert [e.length for e in truncated.examples] == [lengths[0].length, limit]
-    dropped = ft.prepare_examples(chat, tokenizer, FinetuneConfig(max_length=limit, overlength="drop"), stop_strings=stops)
+    dropped = prepare_examples(chat, tokenizer, FinetuneConfig(max_length=limit, overlength="drop"), stop_strings=stops)
     assert dropped.stats["dropped_overlength"] == 1 and len(dropped.examples) == 1
     with pytest.raises(FinetuneInputError, match=r"1 of 2 examples are longer than max_length"):
         finetune_prompter([RECORDS[0], long], tmp_path / "a", model=str(tiny_dir),
@@ -245,6 +258,19 @@ def test_unusable_output_folders_are_refused(tiny_dir, tmp_path, no_training):
         finetune_prompter(RECORDS, tmp_path / "b", model=str(tmp_path / "no-model"))
     with pytest.raises(FinetuneInputError, match="lora_r"):
         FinetuneConfig(lora_r=0)
+
+
+def test_errors_and_speed_only_settings():
+    """Every finetune error is a TRPromptError and keeps its builtin base; the settings that do not
+    change the adapter are left out of a run's fingerprint."""
+    assert issubclass(FinetuneInputError, TRPromptError) and issubclass(FinetuneInputError, ValueError)
+    assert issubclass(FinetuneError, TRPromptError) and issubclass(FinetuneError, RuntimeError)
+    assert issubclass(FinetuneCancelled, FinetuneError)
+    config = FinetuneConfig()
+    left_out = set(config.to_dict()) - set(result_settings(config))
+    assert left_out == {"cpu_threads", "device", "gradient_checkpointing", "micro_batch_size", "overwrite", "progress"}
+    with pytest.raises(FinetuneInputError, match="unknown FinetuneConfig field"):
+        config.replace(threads=2)
 
 
 class _Interrupt(TrainerCallback):
@@ -298,7 +324,7 @@ def _greedy_prompter(lm) -> QueryAwarePrompter:
 @pytest.mark.slow
 def test_prompt_tokens_match_what_vllm_tokenizes(ft_server, tokenizer, tiny_dir):
     messages = records_to_chat_data(RECORDS[:1])[0]["messages"]
-    example = tokenize_chat_example(tokenizer, messages, ft.stop_token_strings(tokenizer, tiny_dir))
+    example = tokenize_chat_example(tokenizer, messages, stop_token_strings(tokenizer, tiny_dir))
     request = urllib.request.Request(
         ft_server.base_url + "/tokenize",
         data=json.dumps({"model": "tiny-ft", "messages": messages[:-1], "add_generation_prompt": True}).encode(),
@@ -309,9 +335,15 @@ def test_prompt_tokens_match_what_vllm_tokenizes(ft_server, tokenizer, tiny_dir)
     assert served == example.prompt_ids
 
 
+def _similarity(a: str, b: str) -> float:
+    return difflib.SequenceMatcher(None, a, b).ratio()
+
+
 @pytest.mark.slow
 def test_served_adapter_makes_the_prompter_reproduce_its_training_prompts(ft_server, tiny_dir, tmp_path):
-    """The whole path: records -> ChatAdapter chats -> trl/peft -> vLLM -> the prompter's DSPy call."""
+    """The whole path: records -> ChatAdapter chats -> trl/peft -> vLLM -> the prompter's DSPy call.
+    The base model, asked the same chats, is far from the trained replies: the prompts come from
+    the adapter, not from the model or the chat."""
     result = finetune_prompter(RECORDS, tmp_path / "memorised", model=str(tiny_dir), config=FinetuneConfig(**MEMORISE))
     assert result.loss_curve[-1] < 0.01
     ft_server.load_adapter("memorised", result.adapter_dir)
@@ -321,16 +353,22 @@ def test_served_adapter_makes_the_prompter_reproduce_its_training_prompts(ft_ser
         chats = records_to_chat_data(RECORDS)
         with dspy.context(adapter=dspy.ChatAdapter()):
             for record, chat in zip(RECORDS, chats):
+                trained_reply = chat["messages"][-1]["content"]
                 got = _greedy_prompter(tuned)(question=record.question, textual_reward=record.critique).prompt
                 assert got == record.prompt
                 # Byte for byte: vLLM returned the trained assistant message (its stop token ends it).
-                assert tuned.history[-1]["outputs"] == [chat["messages"][-1]["content"]]
-            # The base model writes noise: the prompts come from the adapter.
-            try:
-                untuned = _greedy_prompter(base)(question=RECORDS[0].question, textual_reward=RECORDS[0].critique).prompt
-            except AdapterParseError:
-                untuned = None
-            assert untuned != RECORDS[0].prompt
+                assert tuned.history[-1]["outputs"] == [trained_reply]
+
+                # The base model's raw reply to the very same messages (what the prompter sends, see
+                # test_training_messages_are_what_the_prompter_sends) is nowhere near the trained one...
+                [untuned_reply] = base(messages=chat["messages"][:-1])
+                assert _similarity(untuned_reply, trained_reply) < 0.5, untuned_reply
+                # ...and if the prompter can parse a prompt out of it at all, that prompt is not the trained one.
+                try:
+                    untuned = _greedy_prompter(base)(question=record.question, textual_reward=record.critique).prompt
+                except AdapterParseError:
+                    continue
+                assert _similarity(untuned or "", record.prompt) < 0.5, untuned
     finally:
         ft_server.unload_adapter("memorised")
 
@@ -374,10 +412,15 @@ def test_command_line_trains_from_a_records_file(tiny_dir, tmp_path, capsys):
     out = tmp_path / "adapter"
     args = ["--records", str(records), "--output", str(out), "--model", str(tiny_dir), "--max-steps", "2",
             "--adapter", "json", "--lora-r", "8", "--no-progress"]
-    assert ft.main(args) == 0
+    assert main(args) == 0
     summary = json.loads((out / "training_summary.json").read_text())
     assert summary["steps"] == 2 and summary["config"]["lora_r"] == 8
     assert summary["metadata"]["dspy_adapter"] == "JSONAdapter"
     assert capsys.readouterr().out.strip().splitlines()[-1] == str(out / "training_summary.json")
-    assert ft.main(args) == 2  # the folder exists now
+    assert main(args) == 2  # the folder exists now
     assert "already exists" in capsys.readouterr().err
+    # A bad records file is bad input too (exit status 2, one line), refused before any training.
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"question": "q"}) + "\n")
+    assert main(["--records", str(bad), "--output", str(tmp_path / "b"), "--model", str(tiny_dir)]) == 2
+    assert "lacks prompt, critique" in capsys.readouterr().err and not (tmp_path / "b").exists()

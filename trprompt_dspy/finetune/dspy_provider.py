@@ -34,7 +34,9 @@ from typing import Any
 from dspy.clients.provider import Provider, TrainingJob
 from dspy.clients.utils_finetune import TrainDataFormat, TrainingStatus
 
-from .trainer import FinetuneConfig, FinetuneInputError, FinetuneResult, train_lora
+from ..infra.adapters import adapter_fingerprint
+from .config import FinetuneConfig, FinetuneInputError
+from .trainer import FinetuneResult, train_lora
 
 logger = logging.getLogger(__name__)
 
@@ -177,8 +179,6 @@ class LoRAProvider(Provider):
         )
         job.finetune_result = result
         if name is None:
-            from ..infra.adapters import adapter_fingerprint
-
             name = f"{self.adapter_prefix}-{adapter_fingerprint(result.adapter_dir)}"
         job.adapter_name = name
         if self.server is not None:
