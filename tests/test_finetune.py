@@ -424,3 +424,20 @@ def test_command_line_trains_from_a_records_file(tiny_dir, tmp_path, capsys):
     bad.write_text(json.dumps({"question": "q"}) + "\n")
     assert main(["--records", str(bad), "--output", str(tmp_path / "b"), "--model", str(tiny_dir)]) == 2
     assert "lacks prompt, critique" in capsys.readouterr().err and not (tmp_path / "b").exists()
+
+
+def test_an_adapter_that_cannot_be_moved_into_place_is_kept(tiny_dir, tmp_path, monkeypatch):
+    """A folder that appears at output_dir while training stops the publish, and the finished
+    adapter stays where the error says (it used to be deleted right after the message named it)."""
+    out = tmp_path / "adapter"
+
+    def train_then_clash(prepared, tokenizer, model_dir, config, settings, staging, *rest):
+        (staging / "adapter_config.json").write_text("{}")
+        out.mkdir()  # someone else wrote the output folder meanwhile
+        return {"steps": 1}
+
+    monkeypatch.setattr(trainer, "_train", train_then_clash)
+    with pytest.raises(FinetuneError, match="appeared while training; the new adapter stays in (.+)") as error:
+        finetune_prompter(RECORDS, out, model=str(tiny_dir), config=FinetuneConfig(**QUICK))
+    kept = Path(str(error.value).rsplit("stays in ", 1)[1])
+    assert (kept / "adapter_config.json").is_file() and (kept / "training_summary.json").is_file()

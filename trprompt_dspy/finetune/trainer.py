@@ -5,7 +5,7 @@ TRPrompt trains the prompt model by hindsight relabelling with text: every promp
 wrote is paired with the critique it earned, and the prompter learns to write that prompt when
 conditioned on that critique. :func:`finetune_prompter` turns :class:`RolloutRecord`\\ s into that
 training data and trains a LoRA adapter that
-:meth:`trprompt_dspy.infra.serving.server.VLLMServer.load_adapter` serves::
+:meth:`trprompt_dspy.infra.serving.VLLMServer.load_adapter` serves::
 
     result = finetune_prompter(records, "runs/x/adapters/r1", model="default", prompter=prompter)
     server.load_adapter("prompter-r1", result.adapter_dir)
@@ -301,11 +301,13 @@ def _run(
             shutil.rmtree(staging, ignore_errors=True)
             return FinetuneResult(output_dir, summary)
         (staging / SUMMARY_FILE).write_text(json.dumps(summary, indent=2, sort_keys=True, default=str))
-        publish(staging, output_dir, config.overwrite)
     except BaseException:
         # An interrupted or failed run leaves nothing behind, least of all at output_dir.
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    # outside the clean-up above: a finished adapter that cannot be moved into place (output_dir
+    # appeared meanwhile) stays in staging, as publish's error says, rather than being thrown away
+    publish(staging, output_dir, config.overwrite)
     logger.info(
         "adapter written to %s: %d steps, loss %s -> %s, %.1f s",
         output_dir, summary["steps"], summary["first_loss"], summary["final_loss"], summary["wall_seconds"],
