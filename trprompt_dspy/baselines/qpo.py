@@ -24,10 +24,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from ..prompts.defaults import QPO_REWARD_TEMPLATE
 from ..teleprompter import TRPromptConfig, TRPromptTeleprompter
-
-#: How QPO's return is shown to the prompter (a return-to-go token in the original).
-QPO_REWARD_TEMPLATE = "Return-to-go (reward the prompt earns): {score:.2f}"
 
 
 class QPOTeleprompter(TRPromptTeleprompter):
@@ -37,7 +35,8 @@ class QPOTeleprompter(TRPromptTeleprompter):
         loops: QPO's loops (each: collect prompts at the highest return, score, add, retrain).
         config: a ``TRPromptConfig`` for the sizes (rollout samples, SFT, validation); its
             ``reward`` is forced to ``"numeric"`` and ``rounds`` to ``loops``.
-        **kwargs: as :class:`TRPromptTeleprompter` (``server``, ``metric``, ``log_dir``...).
+        **kwargs: as :class:`TRPromptTeleprompter` (``server``, ``metric`` (required),
+            ``log_dir``...).
     """
 
     def __init__(self, *, loops: int = 2, config: TRPromptConfig | None = None, **kwargs: Any):

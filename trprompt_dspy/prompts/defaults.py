@@ -19,3 +19,7 @@ ZERO_SHOT_COT_PROMPT = "Let's think step by step."
 #: The reward text of the numeric-reward ablation (and of QPO-style return conditioning): the
 #: prompter is conditioned on a score instead of a critique.
 NUMERIC_REWARD_TEMPLATE = "Score of the solver's answer with this prompt: {score:.2f} out of 1.00."
+
+#: How QPO's return is shown to its prompter (a return-to-go token in the original QPO); the
+#: ``reward_template`` of the QPO baseline's rollouts (``baselines.QPOTeleprompter``).
+QPO_REWARD_TEMPLATE = "Return-to-go (reward the prompt earns): {score:.2f}"

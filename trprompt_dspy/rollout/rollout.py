@@ -24,6 +24,7 @@ from ..infra.checks import check_choice, check_ints
 from ..infra.parallel import run_parallel
 from ..infra.runs import JsonlAppender, RunFolderError
 from ..infra.scoring import example_id, is_correct, score_prediction
+from ..infra.settings import speed_only
 from ..modules.roles import QueryAwarePrompter, Solver, TextualCritic
 from ..prompts.defaults import NUMERIC_REWARD_TEMPLATE
 from .records import RolloutRecord, read_records
@@ -40,7 +41,8 @@ class RolloutConfig:
             that one question yields both good and bad prompts).
         temperature: sampling temperature of the prompter (> 0, or all samples are equal).
         num_threads: questions x samples processed concurrently; a local vLLM server batches
-            them, so this is what makes a rollout fast.
+            them, so this is what makes a rollout fast (speed only: not part of a run's
+            fingerprint).
         reward: ``"textual"`` (the critic writes a critique) or ``"numeric"`` (the paper's
             numeric-reward ablation: the record's reward is the score, formatted with
             ``reward_template``, and the critic is not called).
@@ -50,7 +52,7 @@ class RolloutConfig:
 
     n_samples: int = 4
     temperature: float = 1.0
-    num_threads: int = 16
+    num_threads: int = speed_only(default=16)
     reward: str = "textual"
     reward_template: str = NUMERIC_REWARD_TEMPLATE
 

@@ -1,5 +1,7 @@
 """``TRPromptTeleprompter``: the round loop (rollout, SFT, t* search, validation), its config and report."""
 
-from .teleprompter import ServerDiedError, TRPromptConfig, TRPromptTeleprompter
+from .config import STAGES, TRPromptConfig
+from .rounds import CompileError, ServerDiedError, rebalance_records
+from .teleprompter import TRPromptTeleprompter
 
-__all__ = ["ServerDiedError", "TRPromptConfig", "TRPromptTeleprompter"]
+__all__ = ["STAGES", "CompileError", "ServerDiedError", "TRPromptConfig", "TRPromptTeleprompter", "rebalance_records"]

@@ -1,4 +1,4 @@
-"""``TRPromptTeleprompter``: the TRPrompt bootstrap loop, and nothing else.
+"""One compile's round loop: rollout, finetune, serve the adapter, search t*, validate.
 
 Round k (see ``../shared/DESIGN.md`` and arXiv 2507.18618):
 
@@ -13,12 +13,12 @@ Round k (see ``../shared/DESIGN.md`` and arXiv 2507.18618):
 5. **validation** -- accuracy of prompter(t*) + solver on the valset.
 
 Every stage's result is written to the run folder and marked done (``runs.RunFolder``), so a
-compile started again with the same ``log_dir`` continues after the last completed stage.
+compile started again with the same ``log_dir`` continues after the last completed stage. If the
+local vLLM server dies, it is restarted (up to ``max_server_restarts``) and the stage runs again.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import random
 import time
@@ -26,271 +26,52 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import dspy
-from dspy.teleprompt.teleprompt import Teleprompter
 
-from ..finetune.trainer import FinetuneConfig, finetune_prompter
-from ..infra.checks import check_choice, check_ints
+from ..errors import TRPromptError
+from ..finetune import finetune_prompter
+from ..infra.adapters import adapter_fingerprint
 from ..infra.evaluation import evaluate
-from ..infra.parallel import check_interrupted, watch_sigint
-from ..infra.runs import RunFolder, atomic_write_json, versions
-from ..infra.scoring import example_id
-from ..infra.structured import SafeJSONAdapter
+from ..infra.parallel import check_interrupted
+from ..infra.runs import RunFolder, atomic_write_json
 from ..infra.usage import LMBusyClock, UsageMeter
 from ..modules.roles import QueryAwarePrompter, Solver, TextualCritic
-from ..prompts.defaults import INITIAL_REWARD
-from ..reward_search.search import RewardSearchConfig, search_reward
+from ..reward_search import search_reward
 from ..rollout.records import RolloutRecord, read_records
-from ..rollout.rollout import (
-    RolloutConfig,
-    numeric_reward,
-    records_path_for,
-    run_rollout,
-)
+from ..rollout.rollout import numeric_reward, records_path_for, run_rollout
+from .config import STAGES, TRPromptConfig
+from .report import write_report
 
 logger = logging.getLogger(__name__)
 
-STAGES = ("rollout", "finetune", "reward_search", "validation")
-# settings that change how fast a run goes, not what it computes: a run may be resumed with
-# other values (more threads, no progress bars, another device)
-_NOT_FINGERPRINTED = frozenset({
-    "progress", "max_server_restarts", "val_num_threads", "num_threads", "cpu_threads", "device",
-    "gradient_checkpointing", "overwrite", "straggler_timeout_s", "micro_batch_size",
-})
 
-
-class ServerDiedError(RuntimeError):
+class ServerDiedError(TRPromptError, RuntimeError):
     """The local vLLM server died more often than ``max_server_restarts`` allows."""
 
 
-def _fingerprinted(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _fingerprinted(v) for k, v in value.items() if k not in _NOT_FINGERPRINTED}
-    return value
+class CompileError(TRPromptError, RuntimeError):
+    """A stage left the next one nothing to work on (no usable rollout record, nothing to train on)."""
 
 
-@dataclasses.dataclass
-class TRPromptConfig:
-    """Settings of a TRPrompt compile. Every field has a documented default.
+class _RoundLoop:
+    """The state of one compile: which round, which reward, which adapter, and the report.
 
-    Attributes:
-        rounds: bootstrap rounds (the paper runs a few; each is rollout, SFT, t* search).
-        initial_reward: the reward text of round 0's rollouts (no prior data needed).
-        update_reward: search a new t* every round (True, the method). False is the paper's
-            ablation: t* is searched once, after round 1, and kept.
-        reward: ``"textual"`` (critiques, the method) or ``"numeric"`` (the ablation: the
-            prompter is conditioned on a score; t* is the best score, no TextGrad search).
-        rebalance: ``"none"``, or ``"balance"`` -- train on as many records of wrong answers as
-            of right ones (the majority is subsampled with ``seed``), for easy datasets where
-            most critiques are positive (the paper's open question 3).
-        train_on_all_rounds: SFT on the records of every round so far (True), not only the
-            current one; with ``finetune.init_from="base"`` this keeps what earlier rounds taught.
-        rollout: :class:`RolloutConfig` (samples per question, temperature, threads).
-        finetune: :class:`FinetuneConfig` (LoRA rank, steps, learning rate...).
-        search: :class:`RewardSearchConfig` (steps, candidates, minibatch...).
-        validate_initial: also validate the untrained prompter with the initial reward
-            ("round 0"), the baseline each round is compared with.
-        val_num_threads: threads of the validation pass.
-        seed: seeds rebalancing.
-        progress: progress bars.
-        max_server_restarts: how many times the local vLLM server may be restarted when it dies
-            during a compile (the interrupted stage runs again and keeps its completed work);
-            one more death stops the compile with a clear error and a resumable run folder.
-            API roles are retried by DSPy itself (``num_retries`` in ``lm_kwargs`` / your LMs).
-    """
-
-    rounds: int = 2
-    initial_reward: str = INITIAL_REWARD
-    update_reward: bool = True
-    reward: str = "textual"
-    rebalance: str = "none"
-    train_on_all_rounds: bool = True
-    rollout: RolloutConfig = dataclasses.field(default_factory=RolloutConfig)
-    finetune: FinetuneConfig = dataclasses.field(default_factory=FinetuneConfig)
-    search: RewardSearchConfig = dataclasses.field(default_factory=RewardSearchConfig)
-    validate_initial: bool = True
-    val_num_threads: int = 16
-    seed: int = 0
-    progress: bool = True
-    max_server_restarts: int = 2
-
-    def __post_init__(self) -> None:
-        check_ints(self, ("rounds",))
-        check_ints(self, ("max_server_restarts",), minimum=0)
-        check_choice("reward", self.reward, ("textual", "numeric"))
-        check_choice("rebalance", self.rebalance, ("none", "balance"))
-        if self.rollout.reward != self.reward:
-            self.rollout = dataclasses.replace(self.rollout, reward=self.reward)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-
-def rebalance_records(records: Sequence[RolloutRecord], seed: int = 0) -> list[RolloutRecord]:
-    """As many records with wrong answers as with right ones: the larger group is subsampled."""
-    right = [r for r in records if r.correct]
-    wrong = [r for r in records if not r.correct]
-    if not right or not wrong:
-        return list(records)
-    rng = random.Random(seed)
-    n = min(len(right), len(wrong))
-    keep = {id(r) for r in rng.sample(right, n) + rng.sample(wrong, n)}
-    return [r for r in records if id(r) in keep]
-
-
-def _find_prompter(program: dspy.Module) -> tuple[QueryAwarePrompter, Solver]:
-    prompters = [m for _, m in program.named_sub_modules() if isinstance(m, QueryAwarePrompter)]
-    solvers = [m for _, m in program.named_sub_modules() if isinstance(m, Solver)]
-    if len(prompters) != 1 or len(solvers) != 1:
-        raise ValueError(
-            "TRPromptTeleprompter compiles a program with exactly one QueryAwarePrompter and one Solver "
-            f"(e.g. TRPromptProgram); found {len(prompters)} prompters and {len(solvers)} solvers"
-        )
-    return prompters[0], solvers[0]
-
-
-class TRPromptTeleprompter(Teleprompter):
-    """Compile a program by TRPrompt's rounds of rollout, LoRA SFT and t* search.
-
-    Example::
-
-        server = VLLMServer(model="default").start()          # the prompter's base model
-        tele = TRPromptTeleprompter(server=server, metric=gsm8k_metric, log_dir="runs/gsm8k")
-        compiled = tele.compile(TRPromptProgram(), trainset=train, valset=val)
-        compiled.save("out/")
-
-    Args:
-        server: a running ``VLLMServer`` on the prompter's base model (LoRA enabled); the
-            adapters trained here are loaded into it. The prompter is fine-tuned from the same
-            model (``server.model_path``).
-        metric: a DSPy metric; default ``metrics.gsm8k_metric``.
-        target_lm: LM of the solver; default: the solver's own LM if set, else the server's
-            base model (the paper's setting: one model in all roles).
-        critic_lm: LM of the critic; default: the server's base model.
-        optimizer_lm: LM of TextGrad (feedback and proposals); default: the server's base model.
-        structured: local roles get ``StructuredLM`` + ``dspy.JSONAdapter`` so even a 135M
-            model's replies parse (vLLM enforces each signature's JSON schema).
-        config: :class:`TRPromptConfig`.
-        log_dir: the run folder; default ``runs/trprompt-<time>``. Compiling again with the same
-            folder resumes it.
-        lm_kwargs: settings of the LMs made from the server (``max_tokens``, ``temperature``).
+    ``tele`` is the ``TRPromptTeleprompter`` (its server, metric, LMs and config); ``run`` the
+    run folder; ``meter`` counts LM usage per stage and role; ``program`` is the copy being
+    compiled, holding ``prompter`` and ``solver``; ``critic`` is None with a numeric reward.
     """
 
     def __init__(
         self,
-        *,
-        server: Any,
-        metric: Callable[..., Any] | None = None,
-        target_lm: dspy.BaseLM | None = None,
-        critic_lm: dspy.BaseLM | None = None,
-        optimizer_lm: dspy.BaseLM | None = None,
-        structured: bool = True,
-        config: TRPromptConfig | None = None,
-        log_dir: str | Path | None = None,
-        lm_kwargs: dict[str, Any] | None = None,
+        tele: Any,
+        run: RunFolder,
+        meter: UsageMeter,
+        program: dspy.Module,
+        prompter: QueryAwarePrompter,
+        solver: Solver,
+        critic: TextualCritic | None,
+        trainset: list[dspy.Example],
+        valset: list[dspy.Example],
     ):
-        super().__init__()
-        from ..metrics import gsm8k_metric
-
-        if server is None or not getattr(server, "running", False):
-            raise ValueError("TRPromptTeleprompter needs a running VLLMServer for the prompter's base model")
-        self.server = server
-        self.metric = metric or gsm8k_metric
-        self.structured = structured
-        self.config = config or TRPromptConfig()
-        self.log_dir = log_dir
-        self.lm_kwargs = {"max_tokens": 384, "temperature": 0.0, **(lm_kwargs or {})}
-        self.target_lm = target_lm
-        self.critic_lm = critic_lm or self._server_lm()
-        self.optimizer_lm = optimizer_lm or self._server_lm()
-
-    def _server_lm(self, name: str | None = None) -> dspy.BaseLM:
-        return self.server.lm(name, structured=self.structured, **self.lm_kwargs)
-
-    # ------------------------------------------------------------------ compile
-
-    def compile(
-        self,
-        student: dspy.Module,
-        *,
-        trainset: Sequence[dspy.Example],
-        valset: Sequence[dspy.Example] | None = None,
-        teacher: Any = None,
-        log_dir: str | Path | None = None,
-        **kwargs: Any,
-    ) -> dspy.Module:
-        """Run the rounds and return a compiled deep copy of ``student`` (never mutated).
-
-        The copy's prompter holds t* and its adapter (``prompter.adapter``); its LM points at
-        the adapter on the server. A compile with the ``log_dir`` of an earlier, interrupted one
-        (same settings) resumes after its last completed stage.
-        """
-        if kwargs:
-            raise TypeError(f"unexpected arguments: {', '.join(kwargs)}")
-        if not trainset:
-            raise ValueError("trainset is empty")
-        if valset is not None and not valset:
-            raise ValueError("valset is empty (pass None to skip validation)")
-        search = self.config.search
-        if self.config.reward == "textual" and len(trainset) < search.minibatch_size + search.heldout_size:
-            raise ValueError(
-                f"trainset has {len(trainset)} examples; the reward search needs at least "
-                f"minibatch_size + heldout_size = {search.minibatch_size + search.heldout_size}"
-            )
-        program = student.deepcopy()
-        prompter, solver = _find_prompter(program)
-        if prompter.generate.lm is None:
-            prompter.set_lm(self._server_lm())
-        if solver.solve.lm is None:
-            solver.set_lm(self.target_lm or self._server_lm())
-        elif self.target_lm is not None:
-            solver.set_lm(self.target_lm)
-        critic = TextualCritic(lm=self.critic_lm) if self.config.reward == "textual" else None
-
-        run = RunFolder(
-            log_dir or self.log_dir or f"runs/trprompt-{time.strftime('%Y%m%d-%H%M%S')}",
-            fingerprint=self._fingerprint(trainset, valset),
-        )
-        atomic_write_json(run.file("config.json"), self._describe())
-        atomic_write_json(run.file("versions.json"), versions())
-        meter = UsageMeter()
-        meter.assign_role(self.optimizer_lm, "optimizer")
-        loop = _RoundLoop(self, run, meter, program, prompter, solver, critic, list(trainset), list(valset or []))
-        settings: dict[str, Any] = {"callbacks": [*dspy.settings.get("callbacks", []), loop.clock]}
-        if self.structured:
-            settings["adapter"] = SafeJSONAdapter()
-        with dspy.context(**settings), watch_sigint():
-            loop.run()
-        program._compiled = True
-        return program
-
-    def _fingerprint(self, trainset, valset) -> dict[str, Any]:
-        return {
-            "config": _fingerprinted(self.config.to_dict()),
-            "base_model": self.server.model_path,
-            "trainset": [example_id(ex, i) for i, ex in enumerate(trainset)],
-            "valset": [example_id(ex, i) for i, ex in enumerate(valset or [])],
-            "structured": self.structured,
-        }
-
-    def _describe(self) -> dict[str, Any]:
-        def lm_name(lm):
-            return getattr(lm, "model", None) if lm is not None else None
-
-        return {
-            "config": self.config.to_dict(),
-            "base_model": self.server.model_path,
-            "metric": getattr(self.metric, "__name__", type(self.metric).__name__),
-            "lms": {"target": lm_name(self.target_lm) or "server base model", "critic": lm_name(self.critic_lm),
-                    "optimizer": lm_name(self.optimizer_lm)},
-            "structured": self.structured,
-            "lm_kwargs": self.lm_kwargs,
-        }
-
-
-class _RoundLoop:
-    """The state of one compile: which round, which reward, which adapter, and the report."""
-
-    def __init__(self, tele, run, meter, program, prompter, solver, critic, trainset, valset):
         self.tele, self.folder, self.meter = tele, run, meter
         self.program, self.prompter, self.solver, self.critic = program, prompter, solver, critic
         self.trainset, self.valset = trainset, valset
@@ -323,7 +104,7 @@ class _RoundLoop:
         )
         self.report["usage"] = self.meter.to_dict()
         self.report["final_reward"] = self.reward
-        self._write_report()
+        write_report(self.folder, self.report)
 
     # ------------------------------------------------------------------ one round
 
@@ -409,7 +190,7 @@ class _RoundLoop:
         calls = sum(m["calls"] for m in counts)
         tokens = sum(m["prompt_tokens"] + m["completion_tokens"] for m in counts)
         self.report["rounds"].append(row)
-        self._write_report()
+        write_report(self.folder, self.report)
         logger.warning(
             "round %d: val acc %s | rollout acc %.3f on %d records | t* %s | %d LM calls, %d tokens | %s",
             k, f"{row['validation']['accuracy']:.3f}" if "validation" in row else "n/a",
@@ -425,7 +206,7 @@ class _RoundLoop:
             records_path=records_path_for(round_dir), progress=self.config.progress,
         )
         if not result.records:
-            raise RuntimeError(f"round {k}: the rollout produced no usable record ({result.error_counts})")
+            raise CompileError(f"round {k}: the rollout produced no usable record ({result.error_counts})")
         return result.summary()
 
     def _training_records(self, k: int) -> list[RolloutRecord]:
@@ -445,7 +226,7 @@ class _RoundLoop:
     def _finetune(self, k: int, round_dir: Path) -> dict[str, Any]:
         records = self._training_records(k)
         if not records:
-            raise RuntimeError(f"round {k}: no usable record to train on (all prompts or critiques were empty)")
+            raise CompileError(f"round {k}: no usable record to train on (all prompts or critiques were empty)")
         ft_config = self.config.finetune.replace(overwrite=True, progress=self.config.progress)
         result = finetune_prompter(
             records, round_dir / "adapter", model=self.tele.server.model_path, config=ft_config,
@@ -462,8 +243,6 @@ class _RoundLoop:
         }
 
     def _serve_adapter(self, k: int, adapter_dir: Path) -> None:
-        from ..infra.adapters import adapter_fingerprint
-
         server = self.tele.server
         name = f"prompter-r{k}-{adapter_fingerprint(adapter_dir)[:12]}"
         previous = self.prompter.adapter
@@ -494,43 +273,14 @@ class _RoundLoop:
         atomic_write_json(round_dir / "validation.json", report.to_dict())
         return {"accuracy": report.accuracy, "n": report.n, "n_correct": report.n_correct, "n_errors": report.n_errors}
 
-    # ------------------------------------------------------------------ report
 
-    def _write_report(self) -> None:
-        atomic_write_json(self.folder.file("report.json"), self.report)
-        try:
-            _plot(self.report, self.folder.file("report.png"))
-        except Exception as exc:  # a plot must never cost the run
-            logger.warning("could not draw the report plot: %s", exc)
-
-
-def _plot(report: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rounds = report["rounds"]
-    ks = [r["round"] for r in rounds]
-    fig, (ax_acc, ax_time) = plt.subplots(1, 2, figsize=(10, 4))
-    val_ks = ([0] if "initial_validation" in report else []) + ks
-    val = ([report["initial_validation"]["accuracy"]] if "initial_validation" in report else []) + [
-        r.get("validation", {}).get("accuracy") for r in rounds
-    ]
-    if any(v is not None for v in val):
-        ax_acc.plot(val_ks, [v if v is not None else float("nan") for v in val], marker="o", label="validation")
-    ax_acc.plot(ks, [r["rollout"]["accuracy"] for r in rounds], marker="s", linestyle="--", label="rollout (training)")
-    ax_acc.set(xlabel="round (0: untrained)", ylabel="accuracy", title="Accuracy per round", ylim=(0, 1), xticks=val_ks)
-    ax_acc.legend()
-    bottom = [0.0] * len(ks)
-    for stage in STAGES:
-        secs = [float(r.get(stage, {}).get("seconds", 0.0) or 0.0) for r in rounds]
-        ax_time.bar(ks, secs, bottom=bottom, label=stage)
-        bottom = [b + s for b, s in zip(bottom, secs)]
-    ax_time.set(xlabel="round", ylabel="seconds", title="Wall time per stage", xticks=ks)
-    ax_time.legend()
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    tmp.replace(path)
+def rebalance_records(records: Sequence[RolloutRecord], seed: int = 0) -> list[RolloutRecord]:
+    """As many records with wrong answers as with right ones: the larger group is subsampled."""
+    right = [r for r in records if r.correct]
+    wrong = [r for r in records if not r.correct]
+    if not right or not wrong:
+        return list(records)
+    rng = random.Random(seed)
+    n = min(len(right), len(wrong))
+    keep = {id(r) for r in rng.sample(right, n) + rng.sample(wrong, n)}
+    return [r for r in records if id(r) in keep]

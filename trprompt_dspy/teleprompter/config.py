@@ -1,0 +1,80 @@
+"""``TRPromptConfig``: the settings of a TRPrompt compile, and the names of a round's stages.
+
+Fields declared with :func:`~trprompt_dspy.infra.settings.speed_only` change how fast a compile
+goes, not what it computes: they are left out of the run folder's fingerprint, so a run may be
+resumed with other values (see ``infra/settings.py``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from ..finetune import FinetuneConfig
+from ..infra.checks import check_choice, check_ints
+from ..infra.settings import speed_only
+from ..prompts.defaults import INITIAL_REWARD
+from ..reward_search import RewardSearchConfig
+from ..rollout.rollout import RolloutConfig
+
+#: the stages of one round, in the order they run (the report and the plot use this order)
+STAGES = ("rollout", "finetune", "reward_search", "validation")
+
+
+@dataclasses.dataclass
+class TRPromptConfig:
+    """Settings of a TRPrompt compile. Every field has a documented default.
+
+    Attributes:
+        rounds: bootstrap rounds (the paper runs a few; each is rollout, SFT, t* search).
+        initial_reward: the reward text of round 0's rollouts (no prior data needed).
+        update_reward: search a new t* every round (True, the method). False is the paper's
+            ablation: t* is searched once, after round 1, and kept.
+        reward: ``"textual"`` (critiques, the method) or ``"numeric"`` (the ablation: the
+            prompter is conditioned on a score; t* is the best score, no TextGrad search).
+        rebalance: ``"none"``, or ``"balance"`` -- train on as many records of wrong answers as
+            of right ones (the majority is subsampled with ``seed``), for easy datasets where
+            most critiques are positive (the paper's open question 3).
+        train_on_all_rounds: SFT on the records of every round so far (True), not only the
+            current one; with ``finetune.init_from="base"`` this keeps what earlier rounds taught.
+        rollout: :class:`RolloutConfig` (samples per question, temperature, threads).
+        finetune: :class:`FinetuneConfig` (LoRA rank, steps, learning rate...).
+        search: :class:`RewardSearchConfig` (steps, candidates, minibatch...).
+        validate_initial: also validate the untrained prompter with the initial reward
+            ("round 0"), the baseline each round is compared with.
+        val_num_threads: threads of the validation pass (speed only).
+        seed: seeds rebalancing.
+        progress: progress bars (speed only).
+        max_server_restarts: how many times the local vLLM server may be restarted when it dies
+            during a compile (the interrupted stage runs again and keeps its completed work);
+            one more death stops the compile with a clear error and a resumable run folder.
+            API roles are retried by DSPy itself (``num_retries`` in ``lm_kwargs`` / your LMs).
+            Speed only: a resumed run may allow more or fewer restarts.
+    """
+
+    rounds: int = 2
+    initial_reward: str = INITIAL_REWARD
+    update_reward: bool = True
+    reward: str = "textual"
+    rebalance: str = "none"
+    train_on_all_rounds: bool = True
+    rollout: RolloutConfig = dataclasses.field(default_factory=RolloutConfig)
+    finetune: FinetuneConfig = dataclasses.field(default_factory=FinetuneConfig)
+    search: RewardSearchConfig = dataclasses.field(default_factory=RewardSearchConfig)
+    validate_initial: bool = True
+    val_num_threads: int = speed_only(default=16)
+    seed: int = 0
+    progress: bool = speed_only(default=True)
+    max_server_restarts: int = speed_only(default=2)
+
+    def __post_init__(self) -> None:
+        check_ints(self, ("rounds",))
+        check_ints(self, ("max_server_restarts",), minimum=0)
+        check_choice("reward", self.reward, ("textual", "numeric"))
+        check_choice("rebalance", self.rebalance, ("none", "balance"))
+        if self.rollout.reward != self.reward:
+            self.rollout = dataclasses.replace(self.rollout, reward=self.reward)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Every setting (speed-only ones too) as plain data, as written to ``config.json``."""
+        return dataclasses.asdict(self)

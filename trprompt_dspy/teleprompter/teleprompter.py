@@ -1,0 +1,181 @@
+"""``TRPromptTeleprompter``: compile a DSPy program by TRPrompt's rounds.
+
+This file checks the arguments, makes the LMs and the run folder, and hands the rounds to
+``rounds._RoundLoop``; ``config.py`` holds the settings and ``report.py`` the report.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import dspy
+from dspy.teleprompt.teleprompt import Teleprompter
+
+from ..infra.parallel import watch_sigint
+from ..infra.runs import RunFolder, atomic_write_json, versions
+from ..infra.scoring import example_id
+from ..infra.settings import result_settings
+from ..infra.structured import SafeJSONAdapter
+from ..infra.usage import UsageMeter
+from ..modules.roles import QueryAwarePrompter, Solver, TextualCritic
+from .config import TRPromptConfig
+from .rounds import _RoundLoop
+
+
+def _find_prompter(program: dspy.Module) -> tuple[QueryAwarePrompter, Solver]:
+    prompters = [m for _, m in program.named_sub_modules() if isinstance(m, QueryAwarePrompter)]
+    solvers = [m for _, m in program.named_sub_modules() if isinstance(m, Solver)]
+    if len(prompters) != 1 or len(solvers) != 1:
+        raise ValueError(
+            "TRPromptTeleprompter compiles a program with exactly one QueryAwarePrompter and one Solver "
+            f"(e.g. TRPromptProgram); found {len(prompters)} prompters and {len(solvers)} solvers"
+        )
+    return prompters[0], solvers[0]
+
+
+class TRPromptTeleprompter(Teleprompter):
+    """Compile a program by TRPrompt's rounds of rollout, LoRA SFT and t* search.
+
+    Example::
+
+        server = VLLMServer(model="default").start()          # the prompter's base model
+        tele = TRPromptTeleprompter(server=server, metric=gsm8k_metric, log_dir="runs/gsm8k")
+        compiled = tele.compile(TRPromptProgram(), trainset=train, valset=val)
+        compiled.save("out/")
+
+    Args:
+        server: a running ``VLLMServer`` on the prompter's base model (LoRA enabled); the
+            adapters trained here are loaded into it. The prompter is fine-tuned from the same
+            model (``server.model_path``).
+        metric: a DSPy metric, ``metric(example, prediction, trace=None)`` -> bool or score;
+            required, as in DSPy's optimizers (``trprompt_dspy.metrics.metric_for(dataset)``
+            gives the one of a bundled dataset).
+        target_lm: LM of the solver; default: the solver's own LM if set, else the server's
+            base model (the paper's setting: one model in all roles).
+        critic_lm: LM of the critic; default: the server's base model.
+        optimizer_lm: LM of TextGrad (feedback and proposals); default: the server's base model.
+        structured: local roles get ``StructuredLM`` + ``dspy.JSONAdapter`` so even a 135M
+            model's replies parse (vLLM enforces each signature's JSON schema).
+        config: :class:`TRPromptConfig`.
+        log_dir: the run folder; default ``runs/trprompt-<time>``. Compiling again with the same
+            folder resumes it.
+        lm_kwargs: settings of the LMs made from the server (``max_tokens``, ``temperature``).
+    """
+
+    def __init__(
+        self,
+        *,
+        server: Any,
+        metric: Callable[..., Any] | None = None,  # required: None only to get the message below
+        target_lm: dspy.BaseLM | None = None,
+        critic_lm: dspy.BaseLM | None = None,
+        optimizer_lm: dspy.BaseLM | None = None,
+        structured: bool = True,
+        config: TRPromptConfig | None = None,
+        log_dir: str | Path | None = None,
+        lm_kwargs: dict[str, Any] | None = None,
+    ):
+        super().__init__()
+        name = type(self).__name__
+        if server is None or not getattr(server, "running", False):
+            raise ValueError(f"{name} needs a running VLLMServer for the prompter's base model")
+        if not callable(metric):
+            got = "none" if metric is None else f"a {type(metric).__name__}"
+            raise TypeError(
+                f"{name} needs a metric, metric=<callable(example, prediction, trace=None)>, got {got}; "
+                "for a bundled dataset pass trprompt_dspy.metrics.metric_for(<dataset>)"
+            )
+        self.server = server
+        self.metric = metric
+        self.structured = structured
+        self.config = config or TRPromptConfig()
+        self.log_dir = log_dir
+        self.lm_kwargs = {"max_tokens": 384, "temperature": 0.0, **(lm_kwargs or {})}
+        self.target_lm = target_lm
+        self.critic_lm = critic_lm or self._server_lm()
+        self.optimizer_lm = optimizer_lm or self._server_lm()
+
+    def _server_lm(self, name: str | None = None) -> dspy.BaseLM:
+        return self.server.lm(name, structured=self.structured, **self.lm_kwargs)
+
+    # ------------------------------------------------------------------ compile
+
+    def compile(
+        self,
+        student: dspy.Module,
+        *,
+        trainset: Sequence[dspy.Example],
+        valset: Sequence[dspy.Example] | None = None,
+        teacher: Any = None,
+        log_dir: str | Path | None = None,
+        **kwargs: Any,
+    ) -> dspy.Module:
+        """Run the rounds and return a compiled deep copy of ``student`` (never mutated).
+
+        The copy's prompter holds t* and its adapter (``prompter.adapter``); its LM points at
+        the adapter on the server. A compile with the ``log_dir`` of an earlier, interrupted one
+        (same settings) resumes after its last completed stage.
+        """
+        if kwargs:
+            raise TypeError(f"unexpected arguments: {', '.join(kwargs)}")
+        if not trainset:
+            raise ValueError("trainset is empty")
+        if valset is not None and not valset:
+            raise ValueError("valset is empty (pass None to skip validation)")
+        search = self.config.search
+        if self.config.reward == "textual" and len(trainset) < search.minibatch_size + search.heldout_size:
+            raise ValueError(
+                f"trainset has {len(trainset)} examples; the reward search needs at least "
+                f"minibatch_size + heldout_size = {search.minibatch_size + search.heldout_size}"
+            )
+        program = student.deepcopy()
+        prompter, solver = _find_prompter(program)
+        if prompter.generate.lm is None:
+            prompter.set_lm(self._server_lm())
+        if solver.solve.lm is None:
+            solver.set_lm(self.target_lm or self._server_lm())
+        elif self.target_lm is not None:
+            solver.set_lm(self.target_lm)
+        critic = TextualCritic(lm=self.critic_lm) if self.config.reward == "textual" else None
+
+        run = RunFolder(
+            log_dir or self.log_dir or f"runs/trprompt-{time.strftime('%Y%m%d-%H%M%S')}",
+            fingerprint=self._fingerprint(trainset, valset),
+        )
+        atomic_write_json(run.file("config.json"), self._describe())
+        atomic_write_json(run.file("versions.json"), versions())
+        meter = UsageMeter()
+        meter.assign_role(self.optimizer_lm, "optimizer")
+        loop = _RoundLoop(self, run, meter, program, prompter, solver, critic, list(trainset), list(valset or []))
+        settings: dict[str, Any] = {"callbacks": [*dspy.settings.get("callbacks", []), loop.clock]}
+        if self.structured:
+            settings["adapter"] = SafeJSONAdapter()
+        with dspy.context(**settings), watch_sigint():
+            loop.run()
+        program._compiled = True
+        return program
+
+    def _fingerprint(self, trainset, valset) -> dict[str, Any]:
+        return {
+            "config": result_settings(self.config),  # without its speed-only fields
+            "base_model": self.server.model_path,
+            "trainset": [example_id(ex, i) for i, ex in enumerate(trainset)],
+            "valset": [example_id(ex, i) for i, ex in enumerate(valset or [])],
+            "structured": self.structured,
+        }
+
+    def _describe(self) -> dict[str, Any]:
+        def lm_name(lm):
+            return getattr(lm, "model", None) if lm is not None else None
+
+        return {
+            "config": self.config.to_dict(),
+            "base_model": self.server.model_path,
+            "metric": getattr(self.metric, "__name__", type(self.metric).__name__),
+            "lms": {"target": lm_name(self.target_lm) or "server base model", "critic": lm_name(self.critic_lm),
+                    "optimizer": lm_name(self.optimizer_lm)},
+            "structured": self.structured,
+            "lm_kwargs": self.lm_kwargs,
+        }
