@@ -17,12 +17,14 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
+from ..errors import TRPromptError
+
 logger = logging.getLogger(__name__)
 
 LOCAL = "local"
 
 
-class UserError(Exception):
+class UserError(TRPromptError, ValueError):
     """A mistake in the command line or its inputs: one message, exit status 2, no traceback."""
 
 
@@ -78,7 +80,12 @@ def _load_examples(args: argparse.Namespace, *, split: str, limit: int | None) -
 def _metric(args: argparse.Namespace):
     from ..metrics import metric_for
 
-    name = args.metric or (args.dataset if getattr(args, "dataset", None) else "gsm8k")
+    from ..metrics import METRICS
+
+    # a file says nothing about how its answers are compared: the user names the metric
+    if getattr(args, "file", None) and not args.metric:
+        raise UserError(f"--file needs --metric NAME to say how answers are compared (one of: {', '.join(sorted(METRICS))})")
+    name = args.metric or args.dataset
     try:
         return metric_for(name)
     except ValueError as exc:
@@ -259,7 +266,7 @@ def _add_data_args(parser: argparse.ArgumentParser, *, file_help: str) -> None:
     source.add_argument("--dataset", default="gsm8k", help=f"built-in dataset: {', '.join(dataset_names())} (default gsm8k)")
     source.add_argument("--file", default=None, help=file_help)
     parser.add_argument("--data-dir", default=None, help="local data folder (default: $TRPROMPT_DATA_DIR, else the hub)")
-    parser.add_argument("--metric", default=None, help="metric by dataset name (default: the dataset's own, or gsm8k for files)")
+    parser.add_argument("--metric", default=None, help="metric by dataset name (default: the dataset's own; required with --file)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -322,13 +329,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     # --help and argument errors exit here, before the heavy imports below
     args = build_parser().parse_args(argv)
 
-    from ..data.loaders import DataError
-    from ..infra.adapters import UnsafeAdapterError
-    from ..infra.models import ModelNotAvailableError
-    from ..infra.runs import RunFolderError
-    from ..infra.serving import ServerError
-    from .config_file import ConfigError
-
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("TEXTGRAD_DISABLE_LOGGING", "1")
     if not args.verbose:
@@ -337,9 +337,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         logging.getLogger("textgrad").setLevel(logging.WARNING)
     try:
         return args.func(args)
-    except (UserError, ConfigError, DataError, ModelNotAvailableError, RunFolderError, ServerError, FileNotFoundError,
-            UnsafeAdapterError) as exc:
-        print(f"trprompt: error: {exc}", file=sys.stderr)
+    except (TRPromptError, FileNotFoundError) as exc:
+        # every library error is one line; -v also logs where it came from
+        logger.debug("trprompt failed", exc_info=True)
+        print(f"trprompt: error: {exc or type(exc).__name__}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("trprompt: interrupted (a compile resumes with --resume and the same --log-dir)", file=sys.stderr)

@@ -31,6 +31,7 @@ import typing
 from pathlib import Path
 from typing import Any, Mapping
 
+from ..errors import TRPromptError
 from ..finetune import FinetuneConfig
 from ..reward_search import RewardSearchConfig
 from ..rollout.rollout import RolloutConfig
@@ -39,7 +40,7 @@ from ..teleprompter import TRPromptConfig
 _SECTIONS: dict[str, type] = {"rollout": RolloutConfig, "finetune": FinetuneConfig, "search": RewardSearchConfig}
 
 
-class ConfigError(ValueError):
+class ConfigError(TRPromptError, ValueError):
     """A config file or dict that cannot become a ``TRPromptConfig``."""
 
 

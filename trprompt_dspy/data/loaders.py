@@ -20,6 +20,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 import dspy
 
+from ..errors import TRPromptError
 from ..metrics import last_braced
 
 logger = logging.getLogger(__name__)
@@ -27,7 +28,7 @@ logger = logging.getLogger(__name__)
 DATA_DIR_ENV = "TRPROMPT_DATA_DIR"
 
 
-class DataError(ValueError):
+class DataError(TRPromptError, ValueError):
     """Bad or missing data, with the file, line and field it concerns."""
 
 

@@ -33,6 +33,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from ..errors import TRPromptError
+
 logger = logging.getLogger(__name__)
 
 #: Name under which the embedded default model is known to :func:`resolve_model`.
@@ -83,7 +85,7 @@ _TINY_CORPUS = [
 _TINY_SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
 
-class ModelNotAvailableError(RuntimeError):
+class ModelNotAvailableError(TRPromptError, RuntimeError):
     """The requested model cannot be found or built (missing package, folder or file)."""
 
 
