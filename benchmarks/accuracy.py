@@ -89,14 +89,21 @@ def main() -> None:
     import dspy
 
     import trprompt_dspy as t
-    from trprompt_dspy.baselines import (QPOTeleprompter, ZeroShot, ZeroShotCoT, copro_instruction,
-                                         textgrad_instruction, untrained_prompter)
     from trprompt_dspy.app.cli import role_lm
+    from trprompt_dspy.baselines import (
+        QPOTeleprompter,
+        ZeroShot,
+        ZeroShotCoT,
+        copro_instruction,
+        textgrad_instruction,
+        untrained_prompter,
+    )
     from trprompt_dspy.data import train_val_test
     from trprompt_dspy.infra.evaluation import evaluate
-    from trprompt_dspy.metrics import metric_for
     from trprompt_dspy.infra.structured import SafeJSONAdapter
     from trprompt_dspy.infra.usage import UsageMeter
+    from trprompt_dspy.metrics import metric_for
+    from trprompt_dspy.modules.roles import MODULE_ROLES
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in methods if m not in METHODS]
@@ -177,7 +184,7 @@ def main() -> None:
 
         for method in methods:
             print(f"== {LABELS[method]}", flush=True)
-            meter = UsageMeter()
+            meter = UsageMeter(MODULE_ROLES)
             start = time.perf_counter()
             run_dir = Path(args.runs_dir) / name / method
             with dspy.context(lm=local, adapter=SafeJSONAdapter()):

@@ -32,16 +32,17 @@ def warm_rollout_calls(tele, train, config, folder: str) -> dict:
     import dspy
 
     import trprompt_dspy as t
-    from trprompt_dspy.rollout.rollout import run_rollout
     from trprompt_dspy.infra.structured import SafeJSONAdapter
     from trprompt_dspy.infra.usage import UsageMeter
+    from trprompt_dspy.modules.roles import MODULE_ROLES
+    from trprompt_dspy.rollout.rollout import run_rollout
 
     shutil.rmtree(folder, ignore_errors=True)
     program = t.TRPromptProgram()
     program.prompter.set_lm(tele._server_lm())
     program.solver.set_lm(tele._server_lm())
     critic = t.TextualCritic(lm=tele.critic_lm)
-    meter = UsageMeter()
+    meter = UsageMeter(MODULE_ROLES)
     start = time.perf_counter()
     with dspy.context(adapter=SafeJSONAdapter()), meter.stage("warm/rollout"):
         result = run_rollout(program.prompter, program.solver, critic, train, tele.metric, reward=config.initial_reward,

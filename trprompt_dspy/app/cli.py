@@ -78,9 +78,7 @@ def _load_examples(args: argparse.Namespace, *, split: str, limit: int | None) -
 
 
 def _metric(args: argparse.Namespace):
-    from ..metrics import metric_for
-
-    from ..metrics import METRICS
+    from ..metrics import METRICS, metric_for
 
     # a file says nothing about how its answers are compared: the user names the metric
     if getattr(args, "file", None) and not args.metric:

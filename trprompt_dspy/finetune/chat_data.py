@@ -54,7 +54,7 @@ def resolve_adapter(adapter: Any) -> Any:
 def compact_json_completion(signature: Any, outputs: Mapping[str, Any]) -> str:
     """The JSON object a schema-constrained server emits for ``outputs``: fields in signature
     order, no whitespace between tokens (vLLM's ``disable_any_whitespace``, the default of
-    :class:`trprompt_dspy.infra.serving.server.ServerConfig`), non-ASCII characters as they are."""
+    :class:`trprompt_dspy.infra.serving.ServerConfig`), non-ASCII characters as they are."""
     from dspy.adapters.utils import serialize_for_json
 
     ordered = {name: serialize_for_json(outputs[name]) for name in signature.output_fields if name in outputs}

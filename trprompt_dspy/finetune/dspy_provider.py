@@ -3,7 +3,7 @@
 DSPy fine-tunes through an LM's provider: ``lm.finetune(train_data, train_data_format)`` starts
 a :class:`dspy.clients.provider.TrainingJob` in a thread, and ``job.result()`` is a copy of the
 LM that names the fine-tuned model. :class:`LoRAProvider` implements that contract with the
-local peft + trl trainer and, when given a running :class:`~trprompt_dspy.infra.serving.server.VLLMServer`,
+local peft + trl trainer and, when given a running :class:`~trprompt_dspy.infra.serving.VLLMServer`,
 loads the new adapter into it so the returned LM answers straight away::
 
     provider = LoRAProvider(server=server, output_root="runs/x/adapters")
@@ -87,7 +87,7 @@ class LoRAProvider(Provider):
     Args:
         model: base model to train (``"default"``, a folder or a ``.gguf``); default: the
             server's model when a server is given, else ``"default"``.
-        server: a running :class:`~trprompt_dspy.infra.serving.server.VLLMServer` of that base model; each
+        server: a running :class:`~trprompt_dspy.infra.serving.VLLMServer` of that base model; each
             finished adapter is loaded into it. Without one, the returned LM names the adapter
             but it must be loaded by the caller (``server.load_adapter(job.adapter_name,
             job.finetune_result.adapter_dir)``).

@@ -28,13 +28,6 @@ OTHER_ROLE = "other"
 _COUNT_KEYS = ("calls", "prompt_tokens", "completion_tokens")
 
 
-def default_module_roles() -> dict[type, str]:
-    """The role each of the library's modules plays, as the report names it."""
-    from ..modules.roles import QueryAwarePrompter, Solver, TextualCritic
-
-    return {QueryAwarePrompter: "prompter", Solver: "target", TextualCritic: "critic"}
-
-
 _PRICES: dict[str, Any] = {}
 _PRICES_LOCK = threading.Lock()
 
@@ -75,14 +68,15 @@ class UsageMeter(BaseCallback):
     both for the calls made inside (in this thread and its DSPy worker threads).
 
     Args:
-        module_roles: module type -> role name; default :func:`default_module_roles`.
+        module_roles: module type -> role name (TRPrompt's: ``trprompt_dspy.modules.roles.MODULE_ROLES``);
+            calls made outside these modules count as :data:`OTHER_ROLE` unless their LM has a role.
     """
 
     def __init__(self, module_roles: dict[type, str] | None = None) -> None:
         self._lock = threading.Lock()
         # stages of a compile run one after another, so one current stage serves every thread
         self._current = "other"
-        self._module_roles = default_module_roles() if module_roles is None else dict(module_roles)
+        self._module_roles = dict(module_roles or {})
         self._lm_roles: dict[int, str] = {}
         self._local = threading.local()
         self._counts: dict[tuple[str, str, str], dict[str, Any]] = defaultdict(

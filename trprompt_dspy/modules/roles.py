@@ -120,3 +120,7 @@ class Solver(dspy.Module):
 
     def forward(self, question: str, prompt: str = "", **kwargs: Any) -> dspy.Prediction:
         return self.solve(question=question, prompt=prompt or "", **kwargs)
+
+
+#: The role each module plays, as usage reports name it (``UsageMeter(MODULE_ROLES)``).
+MODULE_ROLES: dict[type, str] = {QueryAwarePrompter: "prompter", Solver: "target", TextualCritic: "critic"}

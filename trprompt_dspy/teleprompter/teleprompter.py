@@ -19,7 +19,7 @@ from ..infra.scoring import example_id
 from ..infra.settings import result_settings
 from ..infra.structured import SafeJSONAdapter
 from ..infra.usage import UsageMeter
-from ..modules.roles import QueryAwarePrompter, Solver, TextualCritic
+from ..modules.roles import MODULE_ROLES, QueryAwarePrompter, Solver, TextualCritic
 from .config import TRPromptConfig
 from .rounds import _RoundLoop
 
@@ -146,7 +146,7 @@ class TRPromptTeleprompter(Teleprompter):
         )
         atomic_write_json(run.file("config.json"), self._describe())
         atomic_write_json(run.file("versions.json"), versions())
-        meter = UsageMeter()
+        meter = UsageMeter(MODULE_ROLES)
         meter.assign_role(self.optimizer_lm, "optimizer")
         loop = _RoundLoop(self, run, meter, program, prompter, solver, critic, list(trainset), list(valset or []))
         settings: dict[str, Any] = {"callbacks": [*dspy.settings.get("callbacks", []), loop.clock]}
