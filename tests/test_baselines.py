@@ -1,5 +1,6 @@
-"""Every baseline through the real stack on the tiny model: it runs and returns a prediction for
-every question (issue 7). Accuracy of a random model means nothing; the plumbing does."""
+"""Every baseline through the real stack on the tiny model: it runs, returns a prediction for
+every question and sends the model what the baseline is defined by (issue 7). Accuracy of a
+random model means nothing; the plumbing does."""
 
 import json
 
@@ -15,22 +16,31 @@ from trprompt_dspy.baselines import (
     textgrad_instruction,
     untrained_prompter,
 )
+from dspy.teleprompt.copro_optimizer import BasicGenerateInstruction
+
+from helpers import FITTING_LM_KWARGS, TINY_LM_KWARGS, tiny_config
 from trprompt_dspy.data import load_dataset
 from trprompt_dspy.infra.evaluation import evaluate
-from trprompt_dspy.metrics import gsm8k_metric
 from trprompt_dspy.infra.runs import read_jsonl
 from trprompt_dspy.infra.structured import SafeJSONAdapter
-
-from test_teleprompter import tiny_config  # noqa: E402
+from trprompt_dspy.metrics import gsm8k_metric
+from trprompt_dspy.prompts.defaults import INITIAL_REWARD, ZERO_SHOT_COT_PROMPT
+from trprompt_dspy.prompts.signatures import GeneratePrompt, SolveWithPrompt
 
 
 @pytest.fixture
-def tiny_lm(vllm_server):
-    lm = vllm_server.lm(structured=True, max_tokens=96, max_string_length=120, cache=False)
+def tiny_lm(clean_adapters):
+    lm = clean_adapters.lm(structured=True, **TINY_LM_KWARGS)
     with dspy.context(lm=lm, adapter=SafeJSONAdapter()):
         yield lm
-    for name in list(vllm_server.adapters):
-        vllm_server.unload_adapter(name)
+
+
+@pytest.fixture
+def fitting_lm(clean_adapters):
+    """The configured LM, with room for every reply: each one parses, so each question gets an answer."""
+    lm = clean_adapters.lm(structured=True, **FITTING_LM_KWARGS)
+    with dspy.context(lm=lm, adapter=SafeJSONAdapter()):
+        yield lm
 
 
 @pytest.fixture
@@ -38,23 +48,48 @@ def questions(shared_data_dir):
     return load_dataset("gsm8k", "test", data_dir=shared_data_dir, limit=3)
 
 
-def _answers_everything(program, questions):
+def _answers_everything(program, questions, *, every_reply_parses=False):
+    """Evaluate ``program``: one row per question, in order; with ``every_reply_parses`` (an LM
+    with room for every reply) each row holds an answer."""
     report = evaluate(program, questions, gsm8k_metric, num_threads=4, progress=False)
     assert report.n == len(questions)
-    assert len(report.rows) == len(questions) and all("correct" in row for row in report.rows)
+    assert [row["question"] for row in report.rows] == [q.question for q in questions]
+    if every_reply_parses:
+        assert report.n_errors == 0, report.error_counts
+        assert all(isinstance(row["prediction"]["answer"], str) for row in report.rows)
     return report
 
 
+def _calls(lm, signature, **inputs) -> int:
+    """How many calls of ``lm`` sent exactly the messages ``signature`` and ``inputs`` format to."""
+    expected = SafeJSONAdapter().format(signature, demos=[], inputs=inputs)
+    return sum(entry["messages"] == expected for entry in lm.history)
+
+
+def _text(output) -> str:
+    return output if isinstance(output, str) else output["text"]
+
+
 @pytest.mark.parametrize("make", [ZeroShot, ZeroShotCoT, untrained_prompter])
-def test_prompt_baselines_answer_every_question(tiny_lm, questions, make):
-    _answers_everything(make(), questions)
+def test_prompt_baselines_answer_every_question(fitting_lm, questions, make):
+    report = _answers_everything(make(), questions, every_reply_parses=True)
+    # what defines each baseline is the prompt its solver gets: none, Kojima et al.'s sentence, or
+    # the prompt the base prompter wrote for this question, conditioned on the initial reward
+    for question, row in zip(questions, report.rows):
+        if make is untrained_prompter:
+            assert _calls(fitting_lm, GeneratePrompt, question=question.question, textual_reward=INITIAL_REWARD) == 1
+            prompt = row["prediction"]["prompt"]
+        else:
+            prompt = "" if make is ZeroShot else ZERO_SHOT_COT_PROMPT
+        assert _calls(fitting_lm, SolveWithPrompt, question=question.question, prompt=prompt) == 1
+    calls_per_question = 2 if make is untrained_prompter else 1
+    assert len(fitting_lm.history) == calls_per_question * len(questions)
 
 
-def test_qpo_trains_on_returns_and_answers_every_question(vllm_server, tiny_lm, questions, shared_data_dir, tmp_path):
+def test_qpo_trains_on_returns_and_answers_every_question(clean_adapters, tiny_lm, questions, shared_data_dir, tmp_path):
     train = load_dataset("gsm8k", "train", data_dir=shared_data_dir, limit=4)
-    tele = QPOTeleprompter(server=vllm_server, metric=gsm8k_metric, loops=2, log_dir=tmp_path / "qpo",
-                           config=tiny_config(validate_initial=False),
-                           lm_kwargs={"max_tokens": 96, "max_string_length": 120, "cache": False})
+    tele = QPOTeleprompter(server=clean_adapters, metric=gsm8k_metric, loops=2, log_dir=tmp_path / "qpo",
+                           config=tiny_config(validate_initial=False), lm_kwargs=dict(TINY_LM_KWARGS))
     compiled = tele.compile(__import__("trprompt_dspy").TRPromptProgram(), trainset=train)
     # queried with the highest return; trained on the returns the prompts earned
     assert compiled.prompter.reward == QPO_REWARD_TEMPLATE.format(score=1.0)
@@ -76,14 +111,28 @@ def test_textgrad_instruction_search_answers_every_question(tiny_lm, questions, 
     assert prompts and set(prompts) == {result.best_reward}
 
 
-def test_copro_instruction_answers_every_question(vllm_server, tiny_lm, questions, shared_data_dir):
+def test_copro_instruction_answers_every_question(clean_adapters, fitting_lm, questions, shared_data_dir):
     train = load_dataset("gsm8k", "train", data_dir=shared_data_dir, limit=2)
-    # COPRO does not catch an unparseable proposal: short strings and a token budget that always
-    # fits the whole JSON reply of the random tiny model
-    proposer = vllm_server.lm(structured=True, max_tokens=400, max_string_length=40, cache=False)
+    # COPRO does not catch an unparseable proposal: a proposer with room for every reply
+    proposer = clean_adapters.lm(structured=True, **FITTING_LM_KWARGS)
     program = copro_instruction(train, gsm8k_metric, prompt_lm=proposer, breadth=2, depth=1, num_threads=4)
-    assert program.solver.solve.signature.instructions  # an instruction was chosen
-    _answers_everything(program, questions)
+
+    # breadth 2, depth 1: ONE proposal asked for the Solver's instruction; its candidates are that
+    # proposal and the instruction itself, and the best scoring one is chosen
+    own = SolveWithPrompt.instructions
+    (call,) = proposer.history
+    assert call["messages"] == SafeJSONAdapter().format(BasicGenerateInstruction, demos=[], inputs={"basic_instruction": own})
+    proposal = SafeJSONAdapter().parse(BasicGenerateInstruction, _text(call["outputs"][0]))["proposed_instruction"]
+    candidates = program.candidate_programs
+    assert {c["instruction"] for c in candidates} <= {text.strip('"').strip() for text in (proposal, own)}
+    chosen = program.solver.solve.signature.instructions
+    assert chosen == candidates[0]["instruction"] and candidates[0]["score"] == max(c["score"] for c in candidates)
+
+    # the program sends the chosen instruction (and an empty prompt) for every question
+    fitting_lm.history.clear()
+    _answers_everything(program, questions, every_reply_parses=True)
+    for question in questions:
+        assert _calls(fitting_lm, program.solver.solve.signature, question=question.question, prompt="") == 1
 
 
 def test_accuracy_benchmark_writes_json_table_and_plot(vllm_server, shared_data_dir, tmp_path):

@@ -7,44 +7,37 @@ import subprocess
 import sys
 
 import pytest
+from helpers import cli_error
 
 from trprompt_dspy.app.cli import main
 from trprompt_dspy.app.config_file import ConfigError, config_from_dict, load_config
 
 
-def _error(capsys, argv) -> str:
-    code = main(argv)
-    err = capsys.readouterr().err
-    assert code == 2, err
-    assert "Traceback" not in err and err.startswith("trprompt: error:"), err
-    return err
-
-
 def test_user_mistakes_give_one_clear_message(capsys, tmp_path, monkeypatch, shared_data_dir):
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
-    assert "unknown dataset 'nope'" in _error(capsys, ["demo", "--dataset", "nope"])
-    assert "unknown dataset 'nope'" in _error(capsys, ["compile", "--dataset", "nope"])
-    assert "no such file" in _error(capsys, ["compile", "--file", str(tmp_path / "missing.jsonl")])
-    assert "no such config file" in _error(capsys, ["compile", "--config", str(tmp_path / "c.toml")])
-    assert "not a saved TRPrompt program" in _error(capsys, ["evaluate", str(tmp_path)])
-    assert "needs OPENAI_API_KEY" in _error(capsys, [
+    assert "unknown dataset 'nope'" in cli_error(capsys, ["demo", "--dataset", "nope"])
+    assert "unknown dataset 'nope'" in cli_error(capsys, ["compile", "--dataset", "nope"])
+    assert "no such file" in cli_error(capsys, ["compile", "--file", str(tmp_path / "missing.jsonl")])
+    assert "no such config file" in cli_error(capsys, ["compile", "--config", str(tmp_path / "c.toml")])
+    assert "not a saved TRPrompt program" in cli_error(capsys, ["evaluate", str(tmp_path)])
+    assert "needs OPENAI_API_KEY" in cli_error(capsys, [
         "compile", "--data-dir", str(shared_data_dir), "--train-size", "2", "--val-size", "0",
         "--critic-model", "openai/gpt-4o-mini"])
-    assert "does not exist" in _error(capsys, [
+    assert "does not exist" in cli_error(capsys, [
         "compile", "--data-dir", str(shared_data_dir), "--train-size", "2", "--val-size", "0",
         "--model", str(tmp_path / "no-model"), "--log-dir", str(tmp_path / "run")])
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        assert f"port {port}" in _error(capsys, [
+        assert f"port {port}" in cli_error(capsys, [
             "compile", "--data-dir", str(shared_data_dir), "--train-size", "2", "--val-size", "0",
             "--port", str(port), "--log-dir", str(tmp_path / "run2")])
     bad = tmp_path / "bad.toml"
     bad.write_text("rounds = 2\nroundz = 3\n")
-    assert "unknown setting(s) roundz" in _error(capsys, ["compile", "--config", str(bad)])
+    assert "unknown setting(s) roundz" in cli_error(capsys, ["compile", "--config", str(bad)])
     (tmp_path / "run3").mkdir()
-    assert "holds no run to continue" in _error(capsys, [
+    assert "holds no run to continue" in cli_error(capsys, [
         "compile", "--data-dir", str(shared_data_dir), "--train-size", "2", "--val-size", "0",
         "--resume", "--log-dir", str(tmp_path / "run3")])
     # argparse's own errors (status 2 as well)

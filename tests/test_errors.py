@@ -13,6 +13,7 @@ import json
 import pkgutil
 
 import pytest
+from helpers import cli_error
 
 import trprompt_dspy
 from trprompt_dspy.app import cli
@@ -63,13 +64,6 @@ def test_the_command_line_prints_any_library_error_as_one_message(cls, monkeypat
     assert err.startswith("trprompt: error: ") and f"{cls.__name__} happened" in err and "Traceback" not in err
 
 
-def _error(capsys, argv) -> str:
-    code = cli.main(argv)
-    err = capsys.readouterr().err
-    assert code == 2 and err.startswith("trprompt: error:") and "Traceback" not in err, err
-    return err
-
-
 def test_a_pickled_adapter_is_refused_in_one_line(capsys, tmp_path):
     from trprompt_dspy import TRPromptProgram
 
@@ -83,19 +77,19 @@ def test_a_pickled_adapter_is_refused_in_one_line(capsys, tmp_path):
     program.save(folder)
     copy = folder / "adapters" / "prompter-x"
     (copy / "adapter_model.safetensors").rename(copy / "adapter_model.bin")  # a pickle's suffix
-    err = _error(capsys, ["evaluate", str(folder), "--dataset", "words", "--n", "1"])
+    err = cli_error(capsys, ["evaluate", str(folder), "--dataset", "words", "--n", "1"])
     assert "pickled files (adapter_model.bin)" in err
 
 
 def test_a_file_with_other_columns_is_refused_in_one_line(capsys, tmp_path):
     data = tmp_path / "mine.jsonl"
     data.write_text(json.dumps({"q": "1+1?", "a": "2"}) + "\n")
-    err = _error(capsys, ["compile", "--file", str(data), "--metric", "gsm8k", "--train-size", "1", "--val-size", "0"])
+    err = cli_error(capsys, ["compile", "--file", str(data), "--metric", "gsm8k", "--train-size", "1", "--val-size", "0"])
     assert "question" in err
 
 
 def test_a_file_needs_a_metric(capsys, tmp_path):
     data = tmp_path / "mine.jsonl"
     data.write_text(json.dumps({"question": "1+1?", "answer": "2"}) + "\n")
-    err = _error(capsys, ["compile", "--file", str(data), "--train-size", "1", "--val-size", "0"])
+    err = cli_error(capsys, ["compile", "--file", str(data), "--train-size", "1", "--val-size", "0"])
     assert "--file needs --metric" in err and "gsm8k" in err

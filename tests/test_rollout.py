@@ -1,8 +1,6 @@
 """Rollout: records from scripted LMs (pure logic), resume from a records file, and one pass
 through the real vLLM server on the tiny model."""
 
-import json
-
 import dspy
 import pytest
 from dspy.utils.dummies import DummyLM
@@ -12,6 +10,8 @@ from trprompt_dspy.data import load_dataset
 from trprompt_dspy.metrics import gsm8k_metric, metric_for
 from trprompt_dspy.rollout.rollout import RolloutConfig, numeric_reward, run_rollout
 from trprompt_dspy.infra.runs import read_jsonl
+from trprompt_dspy.prompts.signatures import CritiquePrompt
+from trprompt_dspy.rollout.records import read_records
 
 
 def _examples(n):
@@ -131,5 +131,15 @@ def test_rollout_through_the_vllm_server(vllm_server, shared_data_dir, tmp_path)
     for i in range(3):
         a, b = result.records[2 * i], result.records[2 * i + 1]
         assert a.example_id == b.example_id and a.prompt != b.prompt
-    assert all(isinstance(r.critique, str) for r in result.records)
-    json.dumps([r.to_dict() for r in result.records])  # records are plain JSON
+    # each critique is the critic's reply about exactly that record: its prompt, answer and verdict
+    adapter = dspy.JSONAdapter()
+    for r in result.records:
+        inputs = dict(question=r.question, prompt=r.prompt, solver_reasoning=r.reasoning, solver_answer=r.answer,
+                      reference_answer=r.reference, is_correct=r.correct)
+        expected = adapter.format(CritiquePrompt, demos=[], inputs=inputs)
+        (call,) = [entry for entry in lm.history if entry["messages"] == expected]
+        reply = call["outputs"][0]
+        assert adapter.parse(CritiquePrompt, reply if isinstance(reply, str) else reply["text"])["critique"] == r.critique
+    # the file holds the same records (in the order they finished), as plain JSON
+    key = lambda r: (r.example_id, r.extra["sample"])  # noqa: E731
+    assert sorted(read_records(path), key=key) == result.records

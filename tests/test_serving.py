@@ -16,39 +16,33 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import dspy
 import pytest
-
+from dspy.utils.exceptions import AdapterParseError
+from helpers import alive
 from serving_fixtures import TINY_SERVED_NAME, make_tiny_adapter
 
-import dspy
-from dspy.utils.exceptions import AdapterParseError
-
-from trprompt_dspy.infra.models import ModelNotAvailableError
-from trprompt_dspy.infra.serving import AdapterError, ServerConfig, ServerStartError, VLLMServer
+from trprompt_dspy.infra.model_cache import ModelNotAvailableError
+from trprompt_dspy.infra.serving import (
+    AdapterError,
+    ServerConfig,
+    ServerStartError,
+    VLLMServer,
+)
 from trprompt_dspy.infra.structured import StructuredLM
 
 PROMPTS = [f"Question {i}: what is {i} plus {i + 3}?" for i in range(4)]
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _alive(pid: int) -> bool:
-    """True if ``pid`` runs (a zombie awaiting its reaper does not count)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            stat = f.read()
-    except OSError:
-        return False
-    return stat[stat.rfind(")") + 2] != "Z"
-
-
 def _wait_gone(pids, timeout_s: float) -> list[int]:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        left = [pid for pid in pids if _alive(pid)]
+        left = [pid for pid in pids if alive(pid)]
         if not left:
             return []
         time.sleep(0.2)
-    return [pid for pid in pids if _alive(pid)]
+    return [pid for pid in pids if alive(pid)]
 
 
 def _greedy(server, name=None, max_tokens=12):
@@ -57,14 +51,6 @@ def _greedy(server, name=None, max_tokens=12):
 
 def _replies(lm, prompts=PROMPTS):
     return [lm(prompt)[0] for prompt in prompts]
-
-
-@pytest.fixture
-def clean_adapters(vllm_server):
-    """Leave no adapter loaded after a test, whatever it did."""
-    yield vllm_server
-    for name in list(vllm_server.adapters):
-        vllm_server.unload_adapter(name)
 
 
 def test_chat_completion_through_dspy_lm(vllm_server):
@@ -323,7 +309,8 @@ def test_context_manager_stops_on_exception(tiny_model_dir, tmp_path):
 
 @pytest.mark.slow
 def test_default_model_converts_starts_and_answers(tmp_path):
-    from trprompt_dspy.infra.models import default_model_dir, verify_model_dir
+    from trprompt_dspy.infra.model_cache import verify_model_dir
+    from trprompt_dspy.infra.models import default_model_dir
 
     folder = default_model_dir()
     assert verify_model_dir(folder)

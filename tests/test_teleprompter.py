@@ -11,60 +11,22 @@ import dspy
 import pytest
 
 import trprompt_dspy as t
+from helpers import has_records, kill_when, start_child_compile, tiny_config, tiny_teleprompter, wait_for_records
 from trprompt_dspy.data import load_dataset
-from trprompt_dspy.finetune import FinetuneConfig
 from trprompt_dspy.metrics import gsm8k_metric
-from trprompt_dspy.reward_search import RewardSearchConfig
 from trprompt_dspy.rollout.rollout import RolloutConfig
 from trprompt_dspy.infra.runs import read_jsonl
-from trprompt_dspy.teleprompter import TRPromptConfig, TRPromptTeleprompter
-from trprompt_dspy.teleprompter.teleprompter import rebalance_records
+from trprompt_dspy.teleprompter import TRPromptConfig, TRPromptTeleprompter, rebalance_records
 
 
-def tiny_config(**overrides) -> TRPromptConfig:
-    """The smallest sizes that exercise every stage."""
-    fields = dict(
-        rounds=2,
-        rollout=RolloutConfig(n_samples=2, temperature=1.0, num_threads=8),
-        finetune=FinetuneConfig(max_steps=2, per_device_batch_size=4, max_length=2048, lora_r=8, lora_alpha=16),
-        # bounds that let the tiny model close its <IMPROVED_VARIABLE> tag (see test_reward_search)
-        search=RewardSearchConfig(steps=1, num_candidates=2, minibatch_size=2, num_threads=8, patience=None,
-                                  max_reward_chars=200, regex_preamble_chars=40, proposal_max_tokens=400,
-                                  feedback_max_tokens=64, max_results_chars=1500, max_field_chars=100),
-        val_num_threads=8,
-        progress=False,
-    )
-    fields.update(overrides)
-    return TRPromptConfig(**fields)
-
-
-def _tele(server, log_dir, **overrides):
-    return TRPromptTeleprompter(
-        server=server, metric=gsm8k_metric, config=tiny_config(**overrides), log_dir=log_dir,
-        lm_kwargs={"max_tokens": 96, "max_string_length": 120, "cache": False},
-    )
-
-
-@pytest.fixture
-def clean_server(vllm_server):
-    yield vllm_server
-    for name in list(vllm_server.adapters):
-        vllm_server.unload_adapter(name)
-
-
-def test_compile_two_rounds_save_load_in_a_new_process(clean_server, shared_data_dir, tmp_path):
-    train = load_dataset("gsm8k", "train", data_dir=shared_data_dir, limit=4)
-    val = load_dataset("gsm8k", "test", data_dir=shared_data_dir, limit=3)
-    student = t.TRPromptProgram()
-    log_dir = tmp_path / "run"
-    compiled = _tele(clean_server, log_dir).compile(student, trainset=train, valset=val)
+def test_compile_two_rounds_save_load_in_a_new_process(tiny_run, vllm_server, tmp_path):
+    compiled, log_dir, report = tiny_run.compiled, tiny_run.log_dir, tiny_run.report
 
     # the student is untouched; the compiled copy carries t* and its adapter
-    assert student.prompter.adapter is None and student.prompter.generate.lm is None
+    assert tiny_run.student.prompter.adapter is None and tiny_run.student.prompter.generate.lm is None
     assert compiled.prompter.adapter["name"].startswith("prompter-r2-")
     assert compiled.prompter.generate.lm.model == f"hosted_vllm/{compiled.prompter.adapter['name']}"
 
-    report = json.loads((log_dir / "report.json").read_text())
     assert [r["round"] for r in report["rounds"]] == [1, 2]
     assert "initial_validation" in report
     for row in report["rounds"]:
@@ -107,7 +69,7 @@ def test_compile_two_rounds_save_load_in_a_new_process(clean_server, shared_data
         load_compiled(loaded, {str(out)!r})
         pipeline = VerifiedSolve()
         pipeline.prompter = loaded.prompter
-        server = serve_prompters(pipeline, t.VLLMServer(model={clean_server.model_path!r}, served_model_name="base",
+        server = serve_prompters(pipeline, t.VLLMServer(model={vllm_server.model_path!r}, served_model_name="base",
                                  dtype="float32", max_lora_rank=8, max_loras=3).start(),
                                  max_tokens=64, max_string_length=80, cache=False)
         with server, dspy.context(lm=server.lm(structured=True, max_tokens=64, max_string_length=80),
@@ -131,7 +93,7 @@ def test_rebalance_keeps_as_many_wrong_as_right_records():
 
 
 def test_bad_compile_arguments(vllm_server, tmp_path):
-    tele = _tele(vllm_server, tmp_path / "run")
+    tele = tiny_teleprompter(vllm_server, tmp_path / "run")
     ex = [dspy.Example(id="a", question="q", answer="1").with_inputs("question")]
     with pytest.raises(ValueError, match="trainset is empty"):
         tele.compile(t.TRPromptProgram(), trainset=[])
@@ -145,38 +107,22 @@ def test_bad_compile_arguments(vllm_server, tmp_path):
         TRPromptTeleprompter(server=None)
 
 
-def test_killed_compile_resumes_without_regenerating_records(clean_server, shared_data_dir, tmp_path):
+def test_killed_compile_resumes_without_regenerating_records(clean_adapters, shared_data_dir, tmp_path):
     log_dir = tmp_path / "run"
     records = log_dir / "round_1" / "records.jsonl"
     # the child compiles with ONE rollout thread (records arrive one by one) on its own server
-    script = textwrap.dedent(f"""
-        import sys
-        sys.path.insert(0, {str(__import__("pathlib").Path(__file__).parent)!r})
-        import dataclasses, trprompt_dspy as t
-        from trprompt_dspy.data import load_dataset
-        from test_teleprompter import _tele
-        server = t.VLLMServer(model={clean_server.model_path!r}, served_model_name="base", dtype="float32",
-                              max_lora_rank=8, max_loras=3).start()
-        train = load_dataset("gsm8k", "train", data_dir={str(shared_data_dir)!r}, limit=4)
-        tele = _tele(server, {str(log_dir)!r})
-        tele.config.rollout = dataclasses.replace(tele.config.rollout, num_threads=1)
-        tele.compile(t.TRPromptProgram(), trainset=train)
-    """)
-    child = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    child = start_child_compile(clean_adapters.model_path, shared_data_dir, log_dir)
     try:
-        deadline = __import__("time").monotonic() + 240
-        while __import__("time").monotonic() < deadline:
-            if records.is_file() and len(read_jsonl(records)) >= 3:
-                break
-            assert child.poll() is None, child.stderr.read()[-3000:]
-            __import__("time").sleep(0.2)
+        wait_for_records(child, records, 3, timeout_s=240)
         child.kill()  # SIGKILL mid-rollout: no chance to clean up
     finally:
+        if child.poll() is None:
+            child.kill()
         child.wait(timeout=60)
     before = read_jsonl(records)
     assert 3 <= len(before) < 8, len(before)
 
-    tele = _tele(clean_server, log_dir)
+    tele = tiny_teleprompter(clean_adapters, log_dir)
     tele.config.rollout = dataclasses.replace(tele.config.rollout, num_threads=1)
     train = load_dataset("gsm8k", "train", data_dir=shared_data_dir, limit=4)
     compiled = tele.compile(t.TRPromptProgram(), trainset=train)
@@ -198,7 +144,7 @@ def test_records_with_an_empty_prompt_or_critique_are_not_trained_on(tmp_path):
     # seen on the embedded 135M model: a sampled prompt can be empty
     from trprompt_dspy.rollout.records import RolloutRecord, write_records
     from trprompt_dspy.infra.runs import RunFolder
-    from trprompt_dspy.teleprompter.teleprompter import _RoundLoop
+    from trprompt_dspy.teleprompter.rounds import _RoundLoop
 
     loop = _RoundLoop.__new__(_RoundLoop)
     loop.folder, loop.config = RunFolder(tmp_path), tiny_config()
@@ -206,35 +152,6 @@ def test_records_with_an_empty_prompt_or_critique_are_not_trained_on(tmp_path):
                RolloutRecord(question="q3", prompt="p", critique="")]
     write_records(tmp_path / "round_1" / "records.jsonl", records)
     assert [r.question for r in loop._training_records(1)] == ["q1"]
-
-
-def _kill_when(server, ready, timeout_s: float = 300):
-    """A thread that SIGKILLs every process of ``server`` once ``ready()`` is true."""
-    import os
-    import signal
-    import threading
-    import time
-
-    def watch():
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if ready():
-                for pid in server.pids():
-                    try:
-                        os.kill(pid, signal.SIGKILL)
-                    except ProcessLookupError:
-                        pass
-                return
-            time.sleep(0.05)
-
-    thread = threading.Thread(target=watch, daemon=True)
-    thread.start()
-    return thread
-
-
-def _holds(records, at_least: int):
-    """A ``_kill_when`` condition: the records file holds ``at_least`` rows."""
-    return lambda: records.is_file() and len(read_jsonl(records)) >= at_least
 
 
 def test_server_killed_mid_rollout_is_restarted_or_stops_resumably(vllm_server, shared_data_dir, tmp_path):
@@ -246,14 +163,14 @@ def test_server_killed_mid_rollout_is_restarted_or_stops_resumably(vllm_server, 
     one_thread = RolloutConfig(n_samples=2, temperature=1.0, num_threads=1)
 
     def tele(server, restarts):
-        tele = _tele(server, log_dir, rounds=1, rollout=one_thread, max_server_restarts=restarts)
+        tele = tiny_teleprompter(server, log_dir, rounds=1, rollout=one_thread, max_server_restarts=restarts)
         # one quick retry: a dead server refuses connections, there is nothing to wait for
         tele.lm_kwargs["num_retries"] = 1
         return tele
 
     with t.VLLMServer(config) as server:
         # no restart allowed: a clear error, and what was done stays in the run folder
-        watcher = _kill_when(server, _holds(records, 3))
+        watcher = kill_when(server, lambda: has_records(records, 3))
         with pytest.raises(ServerDiedError, match="compile again with the same log_dir"):
             tele(server, 0).compile(t.TRPromptProgram(), trainset=train)
         watcher.join()
@@ -262,7 +179,7 @@ def test_server_killed_mid_rollout_is_restarted_or_stops_resumably(vllm_server, 
 
         # the user restarts the server and resumes; the server dies again and is restarted
         server.restart()
-        watcher = _kill_when(server, _holds(records, len(first) + 2))
+        watcher = kill_when(server, lambda: has_records(records, len(first) + 2))
         compiled = tele(server, 1).compile(t.TRPromptProgram(), trainset=train)
         watcher.join()
         assert server.running and server.restarts == 2
@@ -275,17 +192,75 @@ def test_server_killed_mid_rollout_is_restarted_or_stops_resumably(vllm_server, 
         assert compiled.prompter.adapter["name"] in server.adapters
 
 
-def test_usage_is_counted_per_role_when_roles_share_one_model(clean_server, shared_data_dir, tmp_path):
-    train = load_dataset("gsm8k", "train", data_dir=shared_data_dir, limit=2)
-    tele = _tele(clean_server, tmp_path / "run", rounds=1, validate_initial=False)
-    tele.compile(t.TRPromptProgram(), trainset=train)
-    report = json.loads((tmp_path / "run" / "report.json").read_text())
+def test_usage_is_counted_per_role_when_roles_share_one_model(tiny_run):
+    report = tiny_run.report
     usage = report["rounds"][0]["usage"]
-    # one model plays every role here; the calls are still told apart by role
+    # one model plays every role here (the critic and the optimizer even share one LM object);
+    # the calls are still told apart by role
     assert set(usage["rollout"]) == {"prompter", "target", "critic"}
     assert {"prompter", "target", "optimizer"} <= set(usage["reward_search"])
     roles = report["usage"]["roles"]
-    assert roles["prompter"]["calls"] >= 4 and roles["critic"]["calls"] == 4  # 2 questions x 2 samples
+    # one critique per record: 2 rounds x 4 questions x 2 samples; the optimizer's calls apart
+    assert roles["critic"]["calls"] == 16 and roles["optimizer"]["calls"] > 0
+    assert roles["prompter"]["calls"] >= 16 and roles["target"]["calls"] >= 16
     # a local model has no price: its cost is unknown, not zero
     assert roles["target"]["cost_usd"] is None and roles["target"]["unpriced_calls"] == roles["target"]["calls"]
     assert report["usage"]["totals"]["calls"] == sum(r["calls"] for r in roles.values())
+
+
+def _offline_tele(**kwargs):
+    """A teleprompter over a stand-in for a running server: for what is decided before a compile."""
+    from types import SimpleNamespace
+
+    server = SimpleNamespace(running=True, model_path="tiny-model", lm=lambda *args, **kwargs: None)
+    return TRPromptTeleprompter(server=server, **{"metric": gsm8k_metric, **kwargs})
+
+
+def test_the_metric_is_required():
+    from trprompt_dspy.baselines import QPOTeleprompter
+
+    for metric in (None, "gsm8k"):
+        with pytest.raises(TypeError, match=r"needs a metric.*trprompt_dspy\.metrics\.metric_for\(<dataset>\)") as err:
+            _offline_tele(metric=metric)
+        assert "\n" not in str(err.value)
+    with pytest.raises(TypeError, match="QPOTeleprompter needs a metric"):
+        QPOTeleprompter(server=_offline_tele().server)
+    assert _offline_tele().metric is gsm8k_metric
+
+
+def test_speed_only_settings_keep_the_run_fingerprint(tmp_path):
+    from trprompt_dspy.infra.runs import RunFolder, RunFolderError
+
+    train = [dspy.Example(id=f"q{i}", question="q", answer="1").with_inputs("question") for i in range(3)]
+
+    def folder(config):
+        return RunFolder(tmp_path / "run", fingerprint=_offline_tele(config=config)._fingerprint(train, None))
+
+    folder(tiny_config())
+    # threads, progress bars and restarts change how fast a run goes: it resumes
+    folder(tiny_config(progress=False, val_num_threads=1, max_server_restarts=0,
+                       rollout=RolloutConfig(n_samples=2, temperature=1.0, num_threads=1)))
+    # a setting that changes what is computed is refused, at the top level and in a section
+    for changed in (tiny_config(rounds=3), tiny_config(rollout=RolloutConfig(n_samples=3, num_threads=8))):
+        with pytest.raises(RunFolderError, match="different settings \\(config\\)"):
+            folder(changed)
+    # everything is still described in config.json
+    assert {"progress", "val_num_threads", "max_server_restarts"} <= set(tiny_config().to_dict())
+    assert "num_threads" in tiny_config().to_dict()["rollout"]
+
+
+def test_the_fingerprint_leaves_out_exactly_the_speed_only_settings():
+    # the settings a run may be resumed with other values of (the name list these marks replaced)
+    from trprompt_dspy.infra.settings import result_settings
+
+    config = TRPromptConfig()
+    kept = result_settings(config)
+    left_out = {section: set(dataclasses.asdict(getattr(config, section))) - set(kept[section])
+                for section in ("rollout", "finetune", "search")}
+    left_out["top"] = set(config.to_dict()) - set(kept)
+    assert left_out == {
+        "top": {"progress", "max_server_restarts", "val_num_threads"},
+        "rollout": {"num_threads"},
+        "finetune": {"cpu_threads", "device", "gradient_checkpointing", "overwrite", "micro_batch_size", "progress"},
+        "search": {"num_threads", "progress", "straggler_timeout_s"},
+    }

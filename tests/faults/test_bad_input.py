@@ -4,13 +4,12 @@ import errno
 import json
 import os
 import shutil
-import sys
-from pathlib import Path
 
 import dspy
 import pytest
 
 import trprompt_dspy as t
+from helpers import tiny_teleprompter
 from trprompt_dspy.infra.adapters import UnsafeAdapterError
 from trprompt_dspy.modules.compiled import load_compiled
 from trprompt_dspy.infra.runs import JsonlAppender, RunFolder, RunFolderError, atomic_write_json, read_jsonl
@@ -47,12 +46,9 @@ def test_disk_full_keeps_every_earlier_artifact_whole(tmp_path, monkeypatch):
 def test_unwritable_run_folder_fails_before_any_model_call(vllm_server, tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from test_teleprompter import _tele
-
     train = [dspy.Example(id=f"q{i}", question=f"{i}+1?", answer=str(i + 1)).with_inputs("question") for i in range(4)]
     with pytest.raises(RunFolderError, match="not writable"):
-        _tele(vllm_server, blocker / "run").compile(t.TRPromptProgram(), trainset=train)
+        tiny_teleprompter(vllm_server, blocker / "run").compile(t.TRPromptProgram(), trainset=train)
 
 
 def test_pickled_adapters_are_refused_unless_allowed(tiny_lora_adapters, vllm_server, tmp_path):

@@ -4,17 +4,13 @@ compile restarts it, reloads the adapter and finishes; nothing completed is lost
 
 import dataclasses
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
 import trprompt_dspy as t
+from helpers import kill_when, tiny_teleprompter
 from trprompt_dspy.data import load_dataset
 from trprompt_dspy.infra.runs import read_jsonl
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from test_teleprompter import _kill_when, _tele  # noqa: E402
 
 
 def _done(log_dir, stage):
@@ -33,14 +29,14 @@ def test_server_killed_during_sft_or_search_is_restarted_and_the_compile_finishe
     # the stage before the one to hit is done: the hit stage is running (or about to)
     previous = {"round_1/finetune": "round_1/rollout", "round_1/reward_search": "round_1/finetune"}[during]
     with t.VLLMServer(config) as server:
-        tele = _tele(server, log_dir, rounds=1)
+        tele = tiny_teleprompter(server, log_dir, rounds=1)
         tele.lm_kwargs["num_retries"] = 1
         if during == "round_1/reward_search":
             # kill once the search has started evaluating (its folder exists), not before
             ready = lambda: _done(log_dir, previous) and (log_dir / "round_1" / "reward_search").exists()  # noqa: E731
         else:
             ready = lambda: _done(log_dir, previous)  # noqa: E731
-        watcher = _kill_when(server, ready)
+        watcher = kill_when(server, ready)
         train = load_dataset("gsm8k", "train", data_dir=shared_data_dir, limit=4)
         compiled = tele.compile(t.TRPromptProgram(), trainset=train, valset=train[:2])
         watcher.join()

@@ -177,5 +177,6 @@ class TRPromptTeleprompter(Teleprompter):
             "lms": {"target": lm_name(self.target_lm) or "server base model", "critic": lm_name(self.critic_lm),
                     "optimizer": lm_name(self.optimizer_lm)},
             "structured": self.structured,
-            "lm_kwargs": self.lm_kwargs,
+            # an api_key/api_base given for the roles' LMs never lands in the run folder
+            "lm_kwargs": {k: v for k, v in self.lm_kwargs.items() if not k.startswith("api_")},
         }
