@@ -80,7 +80,8 @@ def demo_data(settings: DemoSettings) -> tuple[list[dspy.Example], list[dspy.Exa
 
 def tiny_model_dir() -> Path:
     """The tiny random test model, built once into the model cache."""
-    from ..infra.models import build_tiny_model, cache_root
+    from ..infra.model_cache import cache_root
+    from ..infra.models import build_tiny_model
 
     folder = cache_root() / "tiny-random-llama"
     if not (folder / "config.json").is_file():

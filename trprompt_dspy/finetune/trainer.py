@@ -43,7 +43,8 @@ from pathlib import Path
 from typing import Any
 
 from ..infra.adapters import ADAPTER_FILES, SUMMARY_FILE
-from ..infra.models import ModelNotAvailableError, resolve_model
+from ..infra.model_cache import ModelNotAvailableError
+from ..infra.models import resolve_model
 from ..infra.runs import versions
 from ..rollout.records import RolloutRecord
 from .chat_data import (

