@@ -25,7 +25,6 @@ import dspy
 import trprompt_dspy as t
 from trprompt_dspy.data import load_file, split_examples
 from trprompt_dspy.metrics import gsm8k_metric
-from trprompt_dspy.infra.structured import StructuredPredict
 
 # written for this example (not taken from any dataset)
 BLUNT = [
@@ -57,7 +56,7 @@ class Judge(dspy.Signature):
     acceptable: bool = dspy.OutputField()
 
 
-judge = StructuredPredict(Judge)  # dspy.Predict that sends its JSON schema to a local StructuredLM
+judge = t.StructuredPredict(Judge)  # dspy.Predict that sends its JSON schema to a local StructuredLM
 
 
 def judged_metric(example, prediction, trace=None) -> bool:

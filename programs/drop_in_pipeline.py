@@ -12,8 +12,6 @@ import sys
 import dspy
 
 import trprompt_dspy as t
-from trprompt_dspy.infra.structured import SafeJSONAdapter
-from trprompt_dspy.modules.compiled import serve_prompters
 
 
 class SolveAndVerify(dspy.Module):
@@ -40,8 +38,8 @@ def main() -> int:
     compiled = t.TRPromptProgram()
     compiled.load(folder)                          # JSON + safetensors, never a pickle
     pipeline = SolveAndVerify(compiled.prompter)
-    server = serve_prompters(pipeline)             # starts vLLM on the adapter's base model, loads the adapter
-    with server, dspy.context(lm=server.lm(structured=True, max_tokens=384), adapter=SafeJSONAdapter()):
+    server = t.serve_prompters(pipeline)             # starts vLLM on the adapter's base model, loads the adapter
+    with server, dspy.context(lm=server.lm(structured=True, max_tokens=384), adapter=t.SafeJSONAdapter()):
         out = pipeline(question=question)
     print(f"prompt:   {out.prompt}\nanswer:   {out.answer}\nverified: {out.verified}")
     return 0

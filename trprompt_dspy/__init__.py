@@ -40,6 +40,7 @@ _EXPORTS = {
     "SolveWithPrompt": ".prompts.signatures",
     "SafeJSONAdapter": ".infra.structured",
     "StructuredLM": ".infra.structured",
+    "StructuredPredict": ".infra.structured",
     "TRPromptConfig": ".teleprompter.config",
     "TRPromptTeleprompter": ".teleprompter.teleprompter",
     "TRPromptError": ".errors",
