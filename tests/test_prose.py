@@ -1,0 +1,88 @@
+"""ProseAdapter: the signature in plain prose, replies read as a model writes them in plain chat."""
+
+import dspy
+import pytest
+from dspy.utils.exceptions import AdapterParseError
+
+import trprompt_dspy as t
+from trprompt_dspy.infra.prose import MARKER, ProseAdapter
+from trprompt_dspy.metrics import gsm8k_metric
+from trprompt_dspy.prompts.signatures import CritiquePrompt, GeneratePrompt, SolveWithPrompt
+
+
+class ScriptedLM(dspy.BaseLM):
+    """Replies with fixed texts and keeps the messages it was sent."""
+
+    def __init__(self, replies):
+        super().__init__(model="scripted", cache=False)
+        self.replies, self.sent = list(replies), []
+
+    def forward(self, prompt=None, messages=None, **kwargs):
+        from litellm import ModelResponse
+
+        self.sent.append(messages)
+        return ModelResponse(choices=[{"message": {"role": "assistant", "content": self.replies.pop(0)},
+                                       "finish_reason": "stop"}], model="scripted")
+
+
+def test_the_solver_is_asked_in_plain_prose():
+    messages = ProseAdapter().format(SolveWithPrompt, [], {"question": "Tom has 3 apples and buys 4. How many?",
+                                                           "prompt": "Add the two amounts."})
+    system, user = messages[0]["content"], messages[1]["content"]
+    assert system == SolveWithPrompt.instructions
+    assert user.startswith("Tom has 3 apples") and "Prompt: Add the two amounts." in user
+    assert user.endswith(f"then write {MARKER} followed by the final answer only, e.g. 42 or \\frac{{1}}{{2}}.")
+    assert "[[" not in system + user and "{" not in user.split("e.g.")[0]  # no DSPy markers, no JSON
+
+
+def test_an_empty_prompt_is_left_out():
+    user = ProseAdapter().format(SolveWithPrompt, [], {"question": "1+1?", "prompt": ""})[1]["content"]
+    assert "Prompt:" not in user
+
+
+@pytest.mark.parametrize("reply, reasoning, answer", [
+    ("3 + 4 = 7 apples.\n#### 7", "3 + 4 = 7 apples.", "7"),
+    ("First 3.\n#### 5\nThen more text\n#### 7 apples\nbye", "First 3.\n#### 5\nThen more text", "7 apples"),
+    ("3 + 4 = 7.\nSo Tom has 7 apples.", "3 + 4 = 7.\nSo Tom has 7 apples.", "So Tom has 7 apples."),
+])
+def test_replies_parse_like_plain_chat(reply, reasoning, answer):
+    parsed = ProseAdapter().parse(SolveWithPrompt, reply)
+    assert parsed == {"reasoning": reasoning, "answer": answer}
+
+
+def test_an_empty_reply_or_nothing_after_the_marker_is_a_parse_error():
+    for reply in ("", "   ", "reasoning\n####   "):
+        with pytest.raises(AdapterParseError):
+            ProseAdapter().parse(SolveWithPrompt, reply)
+
+
+def test_a_single_output_is_the_whole_reply():
+    assert ProseAdapter().parse(GeneratePrompt, "  Add 3 and 4 carefully.\n") == {"prompt": "Add 3 and 4 carefully."}
+    user = ProseAdapter().format(CritiquePrompt, [], {
+        "question": "q", "prompt": "p", "solver_reasoning": "r", "solver_answer": "a", "reference_answer": "b",
+        "is_correct": False})[1]["content"]
+    assert "Is correct: False" in user and user.endswith("no preamble.")
+
+
+def test_typed_and_several_outputs():
+    sig = dspy.Signature("question -> notes: str, ok: bool, score: float")
+    parsed = ProseAdapter().parse(sig, "thinking\n#### ok: yes\n#### score: 0.5")
+    assert parsed == {"notes": "thinking", "ok": True, "score": 0.5}
+    with pytest.raises(AdapterParseError, match="score"):
+        ProseAdapter().parse(sig, "thinking\n#### ok: true")
+
+
+def test_training_completions_parse_back_to_their_outputs():
+    adapter = ProseAdapter()
+    outputs = {"reasoning": "3 + 4 = 7", "answer": "7"}
+    data = adapter.format_finetune_data(SolveWithPrompt, [], {"question": "q", "prompt": "p"}, outputs)
+    assert adapter.parse(SolveWithPrompt, data["messages"][-1]["content"]) == outputs
+
+
+@pytest.mark.filterwarnings("ignore:Implementing custom LMs through BaseLM:DeprecationWarning")
+def test_the_solver_answers_through_the_adapter():
+    lm = ScriptedLM(["Tom starts with 3 and buys 4: 3 + 4 = 7.\n#### 7"])
+    with dspy.context(adapter=ProseAdapter()):
+        prediction = t.Solver(lm=lm)(question="Tom has 3 apples and buys 4. How many?", prompt="")
+    assert prediction.answer == "7" and gsm8k_metric(dspy.Example(answer="7"), prediction)
+    assert lm.sent[0][-1]["content"].startswith("Tom has 3 apples")
