@@ -86,3 +86,49 @@ def test_the_solver_answers_through_the_adapter():
         prediction = t.Solver(lm=lm)(question="Tom has 3 apples and buys 4. How many?", prompt="")
     assert prediction.answer == "7" and gsm8k_metric(dspy.Example(answer="7"), prediction)
     assert lm.sent[0][-1]["content"].startswith("Tom has 3 apples")
+
+
+def test_each_model_gets_its_wire_format(tmp_path, tiny_model_dir):
+    from trprompt_dspy.infra.models import PROFILE_FILE, output_format_for
+
+    assert output_format_for("default") == "json"                      # the 135M model needs a schema
+    assert output_format_for("qwen2.5-coder-0.5b") == "prose"           # real models reason in prose
+    assert output_format_for("Qwen/Qwen2.5-7B-Instruct") == "prose"     # a hub id: a real model
+    assert output_format_for(str(tiny_model_dir)) == "json"             # a tiny folder, by its weights
+    big = tmp_path / "big"
+    big.mkdir()
+    with open(big / "model.safetensors", "wb") as f:                    # 0.7 GB of weights (sparse)
+        f.truncate(700_000_000)
+    assert output_format_for(str(big)) == "prose"
+    (big / PROFILE_FILE).write_text('{"output_format": "json"}')        # a folder may say otherwise
+    assert output_format_for(str(big)) == "json"
+
+
+def test_a_prose_lm_sends_no_schema_and_gets_the_prose_adapter():
+    from trprompt_dspy.infra.structured import SafeJSONAdapter, StructuredLM, adapter_for
+
+    prose = StructuredLM("hosted_vllm/m", api_base="http://127.0.0.1:1/v1", output_format="prose")
+    json_lm = StructuredLM("hosted_vllm/m", api_base="http://127.0.0.1:1/v1")
+    assert not prose.supports_response_schema and json_lm.supports_response_schema
+    assert isinstance(adapter_for(prose), ProseAdapter) and isinstance(adapter_for(json_lm), SafeJSONAdapter)
+    assert adapter_for(dspy.LM("openai/x")) is None and isinstance(adapter_for("prose"), ProseAdapter)
+    assert prose._rewrite({"response_format": SolveWithPrompt}) == {"response_format": SolveWithPrompt}
+    assert prose.dump_state()["output_format"] == "prose"
+    with pytest.raises(ValueError, match="output_format"):
+        StructuredLM("hosted_vllm/m", output_format="xml")
+    with pytest.raises(ValueError, match="output_format"):
+        t.ServerConfig(output_format="xml")
+
+
+@pytest.mark.slow
+def test_the_solver_talks_prose_to_a_real_server(vllm_server):
+    """Through the real vLLM server: the request carries prose messages and no schema, and the
+    reply parses into a reasoning and an answer (the tiny random model writes noise)."""
+    lm = vllm_server.lm(structured=True, output_format="prose", max_tokens=48, temperature=0.0, cache=False)
+    solver = t.Solver(lm=lm)
+    prediction = solver(question="Tom has 3 apples and buys 4. How many?", prompt="Add them.")
+    sent = lm.history[-1]
+    assert "structured_outputs" not in (sent["kwargs"].get("extra_body") or {})
+    assert sent["messages"][0]["content"] == SolveWithPrompt.instructions
+    assert "Prompt: Add them." in sent["messages"][-1]["content"] and "[[ ##" not in str(sent["messages"])
+    assert isinstance(prediction.answer, str) and prediction.answer.strip()

@@ -194,7 +194,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 
     from ..infra.evaluation import evaluate
     from ..infra.serving import ServerConfig
-    from ..infra.structured import SafeJSONAdapter
+    from ..infra.structured import adapter_for
     from ..modules.compiled import serve_prompters
 
     program, manifest = _load_program(args.program)
@@ -206,7 +206,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     with server:
         serve_prompters(program, server, **lm_kwargs)
         program.solver.set_lm(target or server.lm(structured=True, temperature=0.0, **lm_kwargs))
-        with dspy.context(adapter=SafeJSONAdapter()):
+        with dspy.context(adapter=adapter_for(server.output_format)):
             report = evaluate(program, examples, metric, num_threads=args.num_threads)
     source = args.file or f"{args.dataset} {args.split}"
     print(f"{source}: accuracy {report.accuracy:.1%} ({report.n_correct}/{report.n}, {report.n_errors} unparsed), 1 run")

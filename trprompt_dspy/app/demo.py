@@ -19,7 +19,7 @@ from ..data.loaders import train_val_test
 from ..finetune import FinetuneConfig
 from ..infra.checks import check_ints
 from ..infra.runs import atomic_write_json
-from ..infra.structured import SafeJSONAdapter
+from ..infra.structured import adapter_for
 from ..metrics import metric_for
 from ..reward_search import RewardSearchConfig
 from ..rollout.rollout import RolloutConfig
@@ -135,7 +135,7 @@ def run_demo(settings: DemoSettings, console: Any = None) -> dict[str, Any]:
         def measure(name: str, program: dspy.Module) -> None:
             console.print(f"evaluating [bold]{name}[/bold] on {len(test)} test questions...")
             t0 = time.perf_counter()
-            with dspy.context(lm=lm, adapter=SafeJSONAdapter()):
+            with dspy.context(lm=lm, adapter=adapter_for(lm)):
                 report = evaluate(program, test, metric, num_threads=threads)
             results["methods"][name] = {**report.to_dict(), "wall_s": round(time.perf_counter() - t0, 1)}
             atomic_write_json(run_dir / "results.json", results)

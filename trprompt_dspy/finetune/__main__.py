@@ -37,8 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--records", required=True, help="rollout records, one JSON object per line")
     parser.add_argument("--output", required=True, help="adapter folder to create")
     parser.add_argument("--model", default="default", help="base model: 'default', a folder or a .gguf file")
-    parser.add_argument("--adapter", choices=("chat", "json"), default="chat",
-                        help="DSPy adapter the prompter runs with (json: JSONAdapter with structured outputs)")
+    parser.add_argument("--adapter", choices=("chat", "json", "prose"), default="chat",
+                        help="DSPy adapter the prompter runs with (json: JSONAdapter with structured outputs; "
+                             "prose: the library's ProseAdapter, for real models)")
     parser.add_argument("--json-style", choices=("compact", "indented"), default="compact",
                         help="with --adapter json: the server's JSON grammar (compact: ServerConfig.compact_json)")
     for field in dataclasses.fields(FinetuneConfig):
@@ -72,6 +73,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     import dspy  # after parsing: --help and argument errors do not wait for dspy/litellm
 
+    from ..infra.prose import ProseAdapter
+
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     changes = {}
     for field in dataclasses.fields(FinetuneConfig):
@@ -87,7 +90,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         config = FinetuneConfig(**changes)
         records = read_records(args.records)
-        adapter = dspy.JSONAdapter() if args.adapter == "json" else dspy.ChatAdapter()
+        adapter = {"json": dspy.JSONAdapter, "prose": ProseAdapter}.get(args.adapter, dspy.ChatAdapter)()
         result = finetune_prompter(records, args.output, model=args.model, config=config, adapter=adapter,
                                    compact_json=args.json_style == "compact")
     except _BAD_INPUT as error:

@@ -46,6 +46,8 @@ class ChunkedModel:
     gguf_name: str
     upstream: str
     licence: str = "Apache-2.0"
+    #: the wire format it is served with (``infra.models.output_format_for``); real models: prose
+    output_format: str = "prose"
 
     def dist(self, index: int) -> str:
         """The PyPI name of part ``index`` (1-based)."""

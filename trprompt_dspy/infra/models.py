@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import importlib.util
+import json
 import logging
 import os
 import time
@@ -176,6 +177,42 @@ def embedded_model_dir(name: str, cache_dir: str | os.PathLike | None = None, *,
         logger.info("converted %s in %.1f s", model.name, time.perf_counter() - start)
 
     return build_cached(target, source, build)
+
+
+#: the library's two wire formats (see ``infra/structured.py`` and ``infra/prose.py``)
+OUTPUT_FORMATS = ("json", "prose")
+#: a model folder may name its format in this file: ``{"output_format": "json"}``
+PROFILE_FILE = "trprompt_profile.json"
+#: below this many bytes of weights a model is too small to reason in free text (the 135M model's
+#: JSON parse rate went from about half to all with an enforced schema); above it, a schema costs
+#: a real model most of its skill (Qwen2.5-Coder-0.5B: 13/50 GSM8K in plain chat, 2/50 in JSON)
+_SMALL_MODEL_BYTES = 600_000_000
+
+
+def output_format_for(name_or_path: str | os.PathLike | None, model_path: str | os.PathLike | None = None) -> str:
+    """The wire format a model is served with by default: ``"json"`` (a vLLM-enforced schema) for
+    the embedded 135M model and tiny test models, ``"prose"`` for real models.
+
+    In order: the embedded default model (json); an embedded chunked model (its recorded format);
+    a folder's :data:`PROFILE_FILE`; a folder's weight size (under ~0.3B parameters in bf16:
+    json); anything else, a hub id included: prose.
+    """
+    text = "default" if name_or_path is None else os.fspath(name_or_path)
+    if text.lower() in DEFAULT_MODEL_ALIASES:
+        return "json"
+    if text.lower() in EMBEDDED_MODELS:
+        return EMBEDDED_MODELS[text.lower()].output_format
+    folder = Path(os.fspath(model_path or text)).expanduser()
+    if folder.is_dir():
+        profile = folder / PROFILE_FILE
+        if profile.is_file():
+            value = json.loads(profile.read_text()).get("output_format")
+            if value in OUTPUT_FORMATS:
+                return value
+        weights = sum(p.stat().st_size for p in folder.glob("*.safetensors"))
+        if 0 < weights < _SMALL_MODEL_BYTES:
+            return "json"
+    return "prose"
 
 
 def resolve_model(name_or_path: str | os.PathLike | None = None, *, cache_dir: str | os.PathLike | None = None) -> str:

@@ -27,6 +27,8 @@ from typing import Any
 import dspy
 import pydantic
 
+from .prose import ProseAdapter
+
 logger = logging.getLogger(__name__)
 
 #: Default ``maxLength`` given to free-text string fields that have none.
@@ -92,6 +94,9 @@ class StructuredLM(dspy.LM):
         model: litellm-style model name, normally ``"hosted_vllm/<served name or adapter>"``.
         max_string_length: ``maxLength`` for string fields without their own limit; None keeps
             the schema as DSPy built it.
+        output_format: ``"json"`` (the above) or ``"prose"``: no schema is sent, and the library's
+            predictors talk to the model through :class:`~trprompt_dspy.infra.prose.ProseAdapter`
+            (a real model reasons in prose and loses most of its skill inside a JSON string).
         **kwargs: passed to :class:`dspy.LM` (``api_base``, ``api_key``, ``max_tokens``, ...).
     """
 
@@ -100,24 +105,29 @@ class StructuredLM(dspy.LM):
         model: str,
         *,
         max_string_length: int | None = DEFAULT_MAX_STRING_LENGTH,
+        output_format: str = "json",
         **kwargs,
     ):
+        if output_format not in ("json", "prose"):
+            raise ValueError(f"output_format must be 'json' or 'prose', got {output_format!r}")
         if max_string_length is not None and (not isinstance(max_string_length, int) or max_string_length < 1):
             raise ValueError(f"max_string_length must be a positive int or None, got {max_string_length!r}")
         super().__init__(model, **kwargs)
         self.max_string_length = max_string_length
+        self.output_format = output_format
 
     @property
     def supports_response_schema(self) -> bool:  # noqa: D102 - documented on the class
-        return True
+        return self.output_format == "json"
 
     @property
     def supported_params(self) -> set[str]:  # noqa: D102 - documented on the class
-        return set(super().supported_params) | {"response_format"}
+        params = set(super().supported_params)
+        return params | {"response_format"} if self.output_format == "json" else params
 
     def _rewrite(self, kwargs: dict) -> dict:
         response_format = kwargs.get("response_format")
-        if response_format is None:
+        if response_format is None or self.output_format != "json":
             return kwargs
         schema = response_format_to_schema(response_format)
         if schema is None:
@@ -144,6 +154,7 @@ class StructuredLM(dspy.LM):
         """DSPy state plus the schema settings, so a saved program reloads the same LM."""
         state = super().dump_state()
         state["max_string_length"] = self.max_string_length
+        state["output_format"] = self.output_format
         return state
 
 
@@ -171,13 +182,23 @@ class SafeJSONAdapter(dspy.JSONAdapter):
             ) from None
 
 
-#: one adapter for every call that gets the default below (it holds no per-call state)
-_DEFAULT_ADAPTER = SafeJSONAdapter()
+#: one adapter per wire format for every call that gets the default below (no per-call state)
+_ADAPTERS = {"json": SafeJSONAdapter(), "prose": ProseAdapter()}
+
+
+def adapter_for(lm: Any) -> dspy.Adapter | None:
+    """The adapter the library's predictors use with ``lm``: the one of a :class:`StructuredLM`'s
+    wire format (or of a format named as a string, ``"json"``/``"prose"``), None (DSPy's own
+    default) for any other LM."""
+    if isinstance(lm, str):
+        return _ADAPTERS[lm]
+    return _ADAPTERS[lm.output_format] if isinstance(lm, StructuredLM) else None
 
 
 class StructuredPredict(dspy.Predict):
-    """``dspy.Predict`` that uses :class:`SafeJSONAdapter` when its LM is a :class:`StructuredLM`
-    and nobody configured an adapter.
+    """``dspy.Predict`` that uses the adapter of its LM's wire format (:func:`adapter_for`:
+    :class:`SafeJSONAdapter` or :class:`~trprompt_dspy.infra.prose.ProseAdapter`) when its LM is
+    a :class:`StructuredLM` and nobody configured an adapter.
 
     A ``StructuredLM`` only enforces a schema that ``JSONAdapter`` sends; under DSPy's default
     ``ChatAdapter`` a small local model writes free text that rarely parses. The library's own
@@ -189,10 +210,8 @@ class StructuredPredict(dspy.Predict):
     def _adapter_context(self, kwargs: dict[str, Any]) -> Any:
         if dspy.settings.adapter is not None:
             return contextlib.nullcontext()
-        lm = kwargs.get("lm") or self.lm or dspy.settings.lm
-        if isinstance(lm, StructuredLM):
-            return dspy.context(adapter=_DEFAULT_ADAPTER)
-        return contextlib.nullcontext()
+        adapter = adapter_for(kwargs.get("lm") or self.lm or dspy.settings.lm)
+        return dspy.context(adapter=adapter) if adapter is not None else contextlib.nullcontext()
 
     def forward(self, **kwargs: Any) -> dspy.Prediction:
         with self._adapter_context(kwargs):

@@ -17,7 +17,7 @@ from ..infra.parallel import watch_sigint
 from ..infra.runs import RunFolder, atomic_write_json, versions
 from ..infra.scoring import example_id
 from ..infra.settings import result_settings
-from ..infra.structured import SafeJSONAdapter
+from ..infra.structured import adapter_for
 from ..infra.usage import UsageMeter
 from ..modules.roles import MODULE_ROLES, QueryAwarePrompter, Solver, TextualCritic
 from .config import TRPromptConfig
@@ -56,8 +56,9 @@ class TRPromptTeleprompter(Teleprompter):
             base model (the paper's setting: one model in all roles).
         critic_lm: LM of the critic; default: the server's base model.
         optimizer_lm: LM of TextGrad (feedback and proposals); default: the server's base model.
-        structured: local roles get ``StructuredLM`` + ``dspy.JSONAdapter`` so even a 135M
-            model's replies parse (vLLM enforces each signature's JSON schema).
+        structured: local roles get a ``StructuredLM`` in the server's wire format, and every role
+            the matching adapter: ``json`` (vLLM enforces each signature's JSON schema, so even a
+            135M model's replies parse) or ``prose`` (real models; see ``ServerConfig.output_format``).
         config: :class:`TRPromptConfig`.
         log_dir: the run folder; default ``runs/trprompt-<time>``. Compiling again with the same
             folder resumes it.
@@ -90,6 +91,8 @@ class TRPromptTeleprompter(Teleprompter):
         self.server = server
         self.metric = metric
         self.structured = structured
+        #: the local model's wire format (``ServerConfig.output_format``): json or prose
+        self.output_format = getattr(server, "output_format", None) or "json"
         self.config = config or TRPromptConfig()
         self.log_dir = log_dir
         self.lm_kwargs = {"max_tokens": 384, "temperature": 0.0, **(lm_kwargs or {})}
@@ -151,7 +154,8 @@ class TRPromptTeleprompter(Teleprompter):
         loop = _RoundLoop(self, run, meter, program, prompter, solver, critic, list(trainset), list(valset or []))
         settings: dict[str, Any] = {"callbacks": [*dspy.settings.get("callbacks", []), loop.clock]}
         if self.structured:
-            settings["adapter"] = SafeJSONAdapter()
+            # every role, API ones too, in the wire format of the local model (json or prose)
+            settings["adapter"] = adapter_for(self.output_format)
         with dspy.context(**settings), watch_sigint():
             loop.run()
         program._compiled = True
@@ -164,6 +168,7 @@ class TRPromptTeleprompter(Teleprompter):
             "trainset": [example_id(ex, i) for i, ex in enumerate(trainset)],
             "valset": [example_id(ex, i) for i, ex in enumerate(valset or [])],
             "structured": self.structured,
+            "output_format": self.output_format,
         }
 
     def _describe(self) -> dict[str, Any]:
@@ -177,6 +182,7 @@ class TRPromptTeleprompter(Teleprompter):
             "lms": {"target": lm_name(self.target_lm) or "server base model", "critic": lm_name(self.critic_lm),
                     "optimizer": lm_name(self.optimizer_lm)},
             "structured": self.structured,
+            "output_format": self.output_format,
             # an api_key/api_base given for the roles' LMs never lands in the run folder
             "lm_kwargs": {k: v for k, v in self.lm_kwargs.items() if not k.startswith("api_")},
         }

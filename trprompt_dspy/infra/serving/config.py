@@ -64,6 +64,11 @@ class ServerConfig:
             ``disable_any_whitespace``, a server-wide setting; it pins the xgrammar backend).
             Otherwise the grammar lets a weak model spend its whole token budget on spaces after
             a key and the JSON never closes (seen with the tiny test model behind a LoRA adapter).
+        output_format: the wire format of the library's roles on this model (``server.lm(
+            structured=True)``): ``"json"`` (each signature's JSON schema enforced, for models too
+            small to hold a format), ``"prose"`` (:class:`~trprompt_dspy.infra.prose.ProseAdapter`:
+            free reasoning, the answer after ``####``, for real models), or ``"auto"``: chosen by
+            :func:`trprompt_dspy.infra.models.output_format_for` from the model.
         tensor_parallel_size: GPUs per model replica (GPU only).
         data_parallel_size: model replicas (GPU only).
         gpu_memory_utilization: share of GPU memory vLLM may take; None keeps vLLM's 0.9.
@@ -95,6 +100,7 @@ class ServerConfig:
     enforce_eager: bool | None = None
     seed: int = 0
     compact_json: bool = True
+    output_format: Literal["auto", "json", "prose"] = "auto"
     tensor_parallel_size: int = 1
     data_parallel_size: int = 1
     gpu_memory_utilization: float | None = None
@@ -109,6 +115,7 @@ class ServerConfig:
 
     def __post_init__(self) -> None:
         check_choice("device", self.device, DEVICES)
+        check_choice("output_format", self.output_format, ("auto", "json", "prose"))
         if self.enable_lora:
             if self.max_lora_rank not in VLLM_LORA_RANKS:
                 raise ValueError(f"max_lora_rank must be one of {VLLM_LORA_RANKS}, got {self.max_lora_rank}")

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from ..device import resolve_device
-from ..models import resolve_model
+from ..models import output_format_for, resolve_model
 from . import admin
 from .config import (
     DEFAULT_REQUEST_TIMEOUT_S,
@@ -62,6 +62,8 @@ class VLLMServer:
         self.device: str | None = None
         self.port: int | None = None
         self.model_path: str | None = None
+        #: the wire format of the library's roles on this model (``ServerConfig.output_format``)
+        self.output_format: str | None = None
         self.served_model_name: str | None = None
         self.log_path: Path | None = None
         self.ready_seconds: float | None = None
@@ -119,6 +121,8 @@ class VLLMServer:
             cfg = self.config
             self.device = resolve_device(cfg.device)
             self.model_path = resolve_model(cfg.model)
+            self.output_format = (output_format_for(cfg.model, self.model_path) if cfg.output_format == "auto"
+                                  else cfg.output_format)
             self.served_model_name = cfg.served_model_name or default_served_name(self.model_path)
             # A fixed port cannot be retried on a clash; a picked one can (another process may
             # take it between our probe and vLLM's bind).
@@ -342,8 +346,9 @@ class VLLMServer:
 
         Args:
             name: adapter name, or None / the served model name for the base model.
-            structured: return a :class:`trprompt_dspy.infra.structured.StructuredLM`, which makes
-                vLLM enforce each signature's JSON schema (use with ``dspy.JSONAdapter``).
+            structured: return a :class:`trprompt_dspy.infra.structured.StructuredLM` in this
+                model's wire format (:attr:`output_format`): the library's modules pick the
+                matching adapter by themselves (JSON schema enforced by vLLM, or prose).
             **kwargs: passed to ``dspy.LM`` (``max_tokens``, ``temperature``, ``cache``,
                 ``timeout`` -- default :data:`DEFAULT_REQUEST_TIMEOUT_S` ...); with
                 ``structured=True`` also ``max_string_length``.
@@ -368,5 +373,6 @@ class VLLMServer:
         if structured:
             from ..structured import StructuredLM
 
+            kwargs.setdefault("output_format", self.output_format)
             return StructuredLM(f"hosted_vllm/{target}", **kwargs)
         return dspy.LM(f"hosted_vllm/{target}", **kwargs)
