@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from ..errors import TRPromptError
+from .runs import atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -77,10 +78,7 @@ def write_manifest(folder: str | os.PathLike, source: dict | None = None) -> Pat
         if path.is_file() and path.name != MANIFEST_NAME:
             files[path.relative_to(folder).as_posix()] = {"sha256": sha256_file(path), "size": path.stat().st_size}
     manifest = {"format": _CONVERSION_VERSION, "source": source or {}, "files": files}
-    tmp = folder / (MANIFEST_NAME + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True))
-    os.replace(tmp, folder / MANIFEST_NAME)
-    return folder / MANIFEST_NAME
+    return atomic_write_text(folder / MANIFEST_NAME, json.dumps(manifest, indent=2, sort_keys=True))
 
 
 def verify_model_dir(folder: str | os.PathLike, source: dict | None = None, *, full: bool = True) -> bool:
