@@ -13,6 +13,8 @@
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import json
 import os
 import signal
@@ -210,3 +212,41 @@ def cli_error(capsys, argv: list[str]) -> str:
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("trprompt: error:") and "Traceback" not in err, err
     return err
+
+
+class Overlap:
+    """The most calls (or, with ``distinct``, the most different keys) in flight at once.
+
+    Each call waits, up to ``wait_s``, until ``want`` have been in flight together. Calls that
+    the code makes concurrently then meet however slow a loaded machine starts its threads;
+    calls made one after another never do (each only pays the wait). The maximum thus tells the
+    two apart without any timing threshold.
+    """
+
+    def __init__(self, *, want: int = 2, wait_s: float = 10.0, distinct: bool = False):
+        self.want, self.wait_s, self.distinct = want, wait_s, distinct
+        self.cond = threading.Condition()
+        self.inflight: collections.Counter = collections.Counter()
+        self.max = 0
+
+    def enter(self, key=None) -> None:
+        with self.cond:
+            self.inflight[key] += 1
+            width = len(self.inflight) if self.distinct else sum(self.inflight.values())
+            self.max = max(self.max, width)
+            self.cond.notify_all()
+            self.cond.wait_for(lambda: self.max >= self.want, timeout=self.wait_s)
+
+    def exit(self, key=None) -> None:
+        with self.cond:
+            self.inflight[key] -= 1
+            if not self.inflight[key]:
+                del self.inflight[key]
+
+    @contextlib.contextmanager
+    def call(self, key=None):
+        self.enter(key)
+        try:
+            yield
+        finally:
+            self.exit(key)
