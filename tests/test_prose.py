@@ -7,7 +7,11 @@ from dspy.utils.exceptions import AdapterParseError
 import trprompt_dspy as t
 from trprompt_dspy.infra.prose import MARKER, ProseAdapter
 from trprompt_dspy.metrics import gsm8k_metric
-from trprompt_dspy.prompts.signatures import CritiquePrompt, GeneratePrompt, SolveWithPrompt
+from trprompt_dspy.prompts.signatures import (
+    CritiquePrompt,
+    GeneratePrompt,
+    SolveWithPrompt,
+)
 
 
 class ScriptedLM(dspy.BaseLM):
@@ -105,7 +109,11 @@ def test_each_model_gets_its_wire_format(tmp_path, tiny_model_dir):
 
 
 def test_a_prose_lm_sends_no_schema_and_gets_the_prose_adapter():
-    from trprompt_dspy.infra.structured import SafeJSONAdapter, StructuredLM, adapter_for
+    from trprompt_dspy.infra.structured import (
+        SafeJSONAdapter,
+        StructuredLM,
+        adapter_for,
+    )
 
     prose = StructuredLM("hosted_vllm/m", api_base="http://127.0.0.1:1/v1", output_format="prose")
     json_lm = StructuredLM("hosted_vllm/m", api_base="http://127.0.0.1:1/v1")
@@ -132,3 +140,31 @@ def test_the_solver_talks_prose_to_a_real_server(vllm_server):
     assert sent["messages"][0]["content"] == SolveWithPrompt.instructions
     assert "Prompt: Add them." in sent["messages"][-1]["content"] and "[[ ##" not in str(sent["messages"])
     assert isinstance(prediction.answer, str) and prediction.answer.strip()
+
+
+@pytest.mark.slow
+def test_a_compile_in_prose_trains_on_the_prose_it_sends(clean_adapters, shared_data_dir, tmp_path):
+    """One round on the tiny model with the prose format, through the real stack: the rollout,
+    SFT, the t* search and validation run; the compiled prompter is served in prose; the run
+    folder says so."""
+    import json
+
+    from helpers import TINY_LM_KWARGS, tiny_config
+
+    from trprompt_dspy.data import load_dataset
+    from trprompt_dspy.metrics import gsm8k_metric as metric
+
+    server = clean_adapters
+    train = load_dataset("gsm8k", "train", data_dir=shared_data_dir, limit=4)
+    val = load_dataset("gsm8k", "test", data_dir=shared_data_dir, limit=2)
+    tele = t.TRPromptTeleprompter(server=server, metric=metric, config=tiny_config(rounds=1), log_dir=tmp_path,
+                                  lm_kwargs=dict(TINY_LM_KWARGS), output_format="prose")
+    compiled = tele.compile(t.TRPromptProgram(), trainset=train, valset=val)
+    assert json.loads((tmp_path / "config.json").read_text())["output_format"] == "prose"
+    lm = compiled.prompter.generate.lm
+    assert lm.output_format == "prose" and lm.model.endswith(compiled.prompter.adapter["name"])
+    compiled.prompter(question=train[0].question)
+    sent = lm.history[-1]["messages"]
+    assert sent[0]["content"] == compiled.prompter.generate.signature.instructions and "[[ ##" not in str(sent)
+    summary = json.loads((tmp_path / "round_1" / "adapter" / "training_summary.json").read_text())
+    assert summary["steps"] >= 1

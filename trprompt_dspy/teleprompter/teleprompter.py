@@ -59,6 +59,7 @@ class TRPromptTeleprompter(Teleprompter):
         structured: local roles get a ``StructuredLM`` in the server's wire format, and every role
             the matching adapter: ``json`` (vLLM enforces each signature's JSON schema, so even a
             135M model's replies parse) or ``prose`` (real models; see ``ServerConfig.output_format``).
+        output_format: ``"json"`` or ``"prose"`` for the local roles; None: the server's.
         config: :class:`TRPromptConfig`.
         log_dir: the run folder; default ``runs/trprompt-<time>``. Compiling again with the same
             folder resumes it.
@@ -74,6 +75,7 @@ class TRPromptTeleprompter(Teleprompter):
         critic_lm: dspy.BaseLM | None = None,
         optimizer_lm: dspy.BaseLM | None = None,
         structured: bool = True,
+        output_format: str | None = None,
         config: TRPromptConfig | None = None,
         log_dir: str | Path | None = None,
         lm_kwargs: dict[str, Any] | None = None,
@@ -91,8 +93,10 @@ class TRPromptTeleprompter(Teleprompter):
         self.server = server
         self.metric = metric
         self.structured = structured
-        #: the local model's wire format (``ServerConfig.output_format``): json or prose
-        self.output_format = getattr(server, "output_format", None) or "json"
+        #: the local model's wire format: json or prose (default: the server's, chosen per model)
+        self.output_format = output_format or getattr(server, "output_format", None) or "json"
+        if self.output_format not in ("json", "prose"):
+            raise ValueError(f"output_format must be 'json' or 'prose', got {self.output_format!r}")
         self.config = config or TRPromptConfig()
         self.log_dir = log_dir
         self.lm_kwargs = {"max_tokens": 384, "temperature": 0.0, **(lm_kwargs or {})}
@@ -101,7 +105,9 @@ class TRPromptTeleprompter(Teleprompter):
         self.optimizer_lm = optimizer_lm or self._server_lm()
 
     def _server_lm(self, name: str | None = None) -> dspy.BaseLM:
-        return self.server.lm(name, structured=self.structured, **self.lm_kwargs)
+        if self.structured:
+            return self.server.lm(name, structured=True, output_format=self.output_format, **self.lm_kwargs)
+        return self.server.lm(name, **self.lm_kwargs)
 
     # ------------------------------------------------------------------ compile
 
