@@ -40,6 +40,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import dspy  # noqa: E402
+from parse_rate import finish_reasons  # noqa: E402  (this folder is on sys.path when run as a script)
 from scipy.stats import binomtest  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results"
@@ -91,13 +92,6 @@ class _Fixed(dspy.Module):
         return self.solver(question=question, prompt=self.prompt)
 
 
-def _finish_reasons(entry) -> list[str]:
-    response = entry.get("response")
-    if hasattr(response, "choices"):
-        return [str(choice.finish_reason) for choice in response.choices]
-    return [str(getattr(response, "finish_reason", ""))]
-
-
 def run_cell(method: str, server, examples, metric, common: dict, threads: int) -> dict:
     from trprompt_dspy.infra.evaluation import evaluate
 
@@ -106,7 +100,7 @@ def run_cell(method: str, server, examples, metric, common: dict, threads: int) 
     with dspy.context(adapter=adapter) if adapter is not None else contextlib.nullcontext():
         report = evaluate(program, examples, metric, num_threads=threads, progress=False)
     seconds = time.perf_counter() - start
-    at_limit = sum("length" in _finish_reasons(entry) for entry in lm.history)
+    at_limit = sum("length" in finish_reasons(entry.get("response")) for entry in lm.history)
     return {
         "n": report.n, "correct": report.n_correct, "unparsed": report.error_counts.get("AdapterParseError", 0),
         "errors": report.error_counts, "lm_calls": len(lm.history), "at_token_limit": at_limit,

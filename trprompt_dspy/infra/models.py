@@ -23,7 +23,7 @@ import os
 import time
 from pathlib import Path
 
-from .embedded import EMBEDDED_MODELS, assemble, part_paths
+from .embedded import EMBEDDED_MODELS, assemble
 from .model_cache import (
     ModelNotAvailableError,
     build_cached,
@@ -158,7 +158,6 @@ def embedded_model_dir(name: str, cache_dir: str | os.PathLike | None = None, *,
     model = EMBEDDED_MODELS.get(name.lower())
     if model is None:
         raise ModelNotAvailableError(f"unknown embedded model {name!r}; known: {', '.join(sorted(EMBEDDED_MODELS))}")
-    part_paths(model)  # a missing part is reported before any work, not after the lock
     source = {"embedded": model.name, "packages": f"{model.dist_prefix}1..{model.parts}=={model.version}",
               "sha256": model.sha256, "dtype": dtype}
     target = cache_root(cache_dir) / "models" / f"{model.name}-{dtype}"

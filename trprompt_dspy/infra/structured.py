@@ -27,6 +27,8 @@ from typing import Any
 import dspy
 import pydantic
 
+from .checks import check_choice
+from .models import OUTPUT_FORMATS
 from .prose import ProseAdapter
 
 logger = logging.getLogger(__name__)
@@ -108,8 +110,7 @@ class StructuredLM(dspy.LM):
         output_format: str = "json",
         **kwargs,
     ):
-        if output_format not in ("json", "prose"):
-            raise ValueError(f"output_format must be 'json' or 'prose', got {output_format!r}")
+        check_choice("output_format", output_format, OUTPUT_FORMATS)
         if max_string_length is not None and (not isinstance(max_string_length, int) or max_string_length < 1):
             raise ValueError(f"max_string_length must be a positive int or None, got {max_string_length!r}")
         super().__init__(model, **kwargs)

@@ -19,7 +19,7 @@ import dspy
 from dspy.utils.exceptions import AdapterParseError
 
 from ..infra.parallel import run_parallel
-from ..infra.scoring import example_id, metric_score
+from ..infra.scoring import example_id, score_prediction
 from .results import error_text
 from .trace import BatchScore
 
@@ -55,7 +55,7 @@ def run_item(prompter: Any, solver: Any, metric: Callable[..., Any], reward: str
             answer=row["answer"],
         )
         stage = "metric"
-        row["score"] = metric_score(metric(example, prediction))
+        row["score"] = score_prediction(metric, example, prediction)
     except Exception as error:  # one bad item must not sink the batch; it scores as wrong
         row["error"] = f"{stage}: {error_text(error)}"
         row["error_type"] = "parse" if isinstance(error, AdapterParseError) else type(error).__name__

@@ -13,6 +13,8 @@ from typing import Any, Callable, Sequence
 import dspy
 from dspy.teleprompt.teleprompt import Teleprompter
 
+from ..infra.checks import check_choice
+from ..infra.models import OUTPUT_FORMATS
 from ..infra.parallel import watch_sigint
 from ..infra.runs import RunFolder, atomic_write_json, versions
 from ..infra.scoring import example_id
@@ -95,8 +97,7 @@ class TRPromptTeleprompter(Teleprompter):
         self.structured = structured
         #: the local model's wire format: json or prose (default: the server's, chosen per model)
         self.output_format = output_format or getattr(server, "output_format", None) or "json"
-        if self.output_format not in ("json", "prose"):
-            raise ValueError(f"output_format must be 'json' or 'prose', got {self.output_format!r}")
+        check_choice("output_format", self.output_format, OUTPUT_FORMATS)
         self.config = config or TRPromptConfig()
         self.log_dir = log_dir
         self.lm_kwargs = {"max_tokens": 384, "temperature": 0.0, **(lm_kwargs or {})}

@@ -21,6 +21,7 @@ from typing import Literal
 
 from ..checks import check_choice, check_ints
 from ..device import DEVICES
+from ..models import OUTPUT_FORMATS
 
 logger = logging.getLogger(__name__)
 
@@ -115,7 +116,7 @@ class ServerConfig:
 
     def __post_init__(self) -> None:
         check_choice("device", self.device, DEVICES)
-        check_choice("output_format", self.output_format, ("auto", "json", "prose"))
+        check_choice("output_format", self.output_format, ("auto", *OUTPUT_FORMATS))
         if self.enable_lora:
             if self.max_lora_rank not in VLLM_LORA_RANKS:
                 raise ValueError(f"max_lora_rank must be one of {VLLM_LORA_RANKS}, got {self.max_lora_rank}")
