@@ -181,3 +181,16 @@ def test_metric_for_known_and_unknown_datasets():
         metric_for("nope")
     with pytest.raises(ValueError, match="unknown metric kind"):
         AnswerMetric("fuzzy")
+
+
+def test_answer_in_text_finds_a_revealed_gold_answer_only():
+    from trprompt_dspy.metrics import answer_in_text, numbers_in
+
+    question = "Tom has 3 apples and buys 4 more. How many apples does he have?"
+    assert numbers_in("1,234 and -5.5, then 7") == [1234.0, -5.5, 7.0]
+    assert answer_in_text("Add 3 and 4 to get 7.", "7", question)
+    assert answer_in_text("The total is 1,234 dollars", "1234")
+    assert not answer_in_text("Add the apples he buys to the ones he has.", "7", question)
+    # the answer is one of the question's own numbers: restating the question reveals nothing
+    assert not answer_in_text("He has 3 apples, then 4 more.", "4", "He has 3 and 4; what is the larger?")
+    assert not answer_in_text("anything 7", "seven", question) and not answer_in_text(None, "7")

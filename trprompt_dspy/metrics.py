@@ -163,6 +163,35 @@ def numbers_equal(
     return False
 
 
+def numbers_in(text: Any) -> list[float]:
+    """Every number written in ``text`` (``1,234``, ``-5``, ``0.5``; the first
+    :data:`MAX_SCAN_CHARS` characters), as floats; never raises."""
+    values = []
+    for token in _NUMBER_RE.findall(str(text or "")[:MAX_SCAN_CHARS]):
+        token = token.replace(",", "").replace("−", "-")
+        if sum(c.isdigit() for c in token) > MAX_NUMBER_DIGITS:
+            continue
+        try:
+            value = float(token)
+        except ValueError:
+            continue
+        if math.isfinite(value):
+            values.append(value)
+    return values
+
+
+def answer_in_text(text: Any, gold: Any, question: Any = None) -> bool:
+    """Whether ``text`` (a prompt, a reward) gives away the gold answer: the gold answer's number
+    is written in it, and is not one of the question's own numbers (a prompt that restates the
+    question reveals nothing). A gold answer that is not a number is never found (False)."""
+    value = parse_number(gold)
+    if value is None:
+        return False
+    if question is not None and any(math.isclose(value, q, rel_tol=1e-9, abs_tol=1e-9) for q in numbers_in(question)):
+        return False
+    return any(math.isclose(value, n, rel_tol=1e-9, abs_tol=1e-9) for n in numbers_in(text))
+
+
 def _decimals_given(text: Any) -> int:
     answer = extract_answer(text)
     matches = _NUMBER_RE.findall(_clean_numeric_text(answer)) if answer else []

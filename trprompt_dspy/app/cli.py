@@ -51,11 +51,19 @@ def _check_port(host: str, port: int | None) -> None:
             raise UserError(f"port {port} on {host} is in use; pick another with --port") from None
 
 
-def role_lm(role: str, model: str, lm_kwargs: dict[str, Any]) -> Any:
-    """``None`` for ``"local"`` (the role runs on the local server), else a ``dspy.LM`` for an API
-    model (any litellm name, e.g. ``openai/gpt-4o-mini``) whose key must be in the environment."""
+def role_lm(role: str, model: str, lm_kwargs: dict[str, Any], servers: "RoleServers | None" = None) -> Any:
+    """``None`` for ``"local"`` (the role runs on the prompter's server); a running server for
+    another local model (an embedded name, a folder, a ``.gguf``; needs ``servers``); else a
+    ``dspy.LM`` for an API model (any litellm name, e.g. ``openai/gpt-4o-mini``) whose key must be
+    in the environment."""
+    from ..infra.models import is_local_model
+
     if model == LOCAL:
         return None
+    if is_local_model(model):
+        if servers is None:
+            raise UserError(f"--{role}-model {model!r}: a local model other than the prompter's is not supported here")
+        return servers.get(role, model)
     import dspy
     import litellm
 
@@ -95,6 +103,39 @@ def _start_server(config: Any) -> Any:
 
     _check_port(config.host, config.port)
     return VLLMServer(config).start()
+
+
+class RoleServers:
+    """One local vLLM server per distinct base model of the roles, started on first use and
+    stopped together (a context manager). The prompter's server is given; a role that names the
+    prompter's model shares it. Role servers load no adapters (no LoRA slots, less memory)."""
+
+    def __init__(self, prompter_server: Any, log_dir: Path | None = None):
+        from ..infra.models import resolve_model
+
+        self._resolve = resolve_model
+        self.log_dir = log_dir
+        self.servers: dict[str, Any] = {prompter_server.model_path: prompter_server}
+        self._started: list[Any] = []
+
+    def get(self, role: str, model: str) -> Any:
+        from ..infra.serving import ServerConfig
+
+        path = self._resolve(model)
+        if path not in self.servers:
+            log = self.log_dir / f"vllm-{role}.log" if self.log_dir else None
+            print(f"trprompt: starting a local server for the {role} ({model})", flush=True)
+            server = _start_server(ServerConfig(model=model, enable_lora=False, log_path=log))
+            self._started.append(server)
+            self.servers[path] = server
+        return self.servers[path]
+
+    def __enter__(self) -> "RoleServers":
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        for server in self._started:
+            server.stop()
 
 
 # --------------------------------------------------------------------------- commands
@@ -148,12 +189,17 @@ def _compile(args: argparse.Namespace) -> int:
     if args.resume and not (log_dir / "stages.json").is_file():
         raise UserError(f"--resume: {log_dir} holds no run to continue")
     lm_kwargs = {"max_tokens": args.max_tokens}
-    roles = {role: role_lm(role, getattr(args, f"{role}_model"), lm_kwargs) for role in ("target", "critic", "optimizer")}
+    role_models = {role: getattr(args, f"{role}_model") for role in ("target", "critic", "optimizer")}
+    # API roles are checked (keys, names) before any server starts
+    roles = {role: role_lm(role, model, lm_kwargs) for role, model in role_models.items() if not _is_local(model)}
     metric = _metric(args)
     print(f"trprompt compile: {len(train)} training / {len(val)} validation examples, {config.rounds} round(s), "
           f"prompter {args.model}; run folder {log_dir}", flush=True)
     server = _start_server(ServerConfig(model=args.model, port=args.port, log_path=log_dir / "vllm.log"))
-    with server:
+    with server, RoleServers(server, log_dir) as servers:
+        for role, model in role_models.items():
+            if _is_local(model):
+                roles[role] = role_lm(role, model, lm_kwargs, servers)
         tele = TRPromptTeleprompter(
             server=server, metric=metric, config=config, log_dir=log_dir, lm_kwargs=lm_kwargs,
             target_lm=roles["target"], critic_lm=roles["critic"], optimizer_lm=roles["optimizer"],
@@ -169,6 +215,12 @@ def _compile(args: argparse.Namespace) -> int:
     return 0
 
 
+def _is_local(model: str) -> bool:
+    from ..infra.models import is_local_model
+
+    return model == LOCAL or is_local_model(model)
+
+
 def _load_program(folder: str):
     from ..modules.compiled import read_manifest
     from ..modules.program import TRPromptProgram
@@ -179,6 +231,15 @@ def _load_program(folder: str):
     program = TRPromptProgram()
     program.load(path)
     return program, read_manifest(path)
+
+
+def _saved_role(manifest: dict[str, Any], role: str) -> str:
+    """The model a saved program's role ran on in its compile: ``local`` (the prompter's base
+    model) for programs saved before roles were recorded."""
+    entry = (manifest.get("roles") or {}).get(role)
+    if not entry or not entry.get("model") or entry.get("shares_prompter"):
+        return LOCAL
+    return entry["model"]
 
 
 def _base_model(manifest: dict[str, Any]) -> str:
@@ -194,20 +255,24 @@ def _evaluate(args: argparse.Namespace) -> int:
 
     from ..infra.evaluation import evaluate
     from ..infra.serving import ServerConfig
-    from ..infra.structured import adapter_for
     from ..modules.compiled import serve_prompters
 
     program, manifest = _load_program(args.program)
     examples = _load_examples(args, split=args.split, limit=args.n)
     metric = _metric(args)
     lm_kwargs = {"max_tokens": args.max_tokens}
-    target = role_lm("target", args.target_model, lm_kwargs)
+    target_model = args.target_model or _saved_role(manifest, "target")
+    target = None if _is_local(target_model) else role_lm("target", target_model, lm_kwargs)
     server = _start_server(ServerConfig(model=_base_model(manifest), port=args.port))
-    with server:
+    with server, RoleServers(server) as servers:
+        if _is_local(target_model):
+            target = role_lm("target", target_model, lm_kwargs, servers)
         serve_prompters(program, server, **lm_kwargs)
-        program.solver.set_lm(target or server.lm(structured=True, temperature=0.0, **lm_kwargs))
-        with dspy.context(adapter=adapter_for(server.output_format)):
-            report = evaluate(program, examples, metric, num_threads=args.num_threads)
+        if target is None or not isinstance(target, dspy.BaseLM):
+            target = (target or server).lm(structured=True, temperature=0.0, **lm_kwargs)
+        program.solver.set_lm(target)
+        # each local role talks in its own model's wire format (its StructuredLM picks it)
+        report = evaluate(program, examples, metric, num_threads=args.num_threads)
     source = args.file or f"{args.dataset} {args.split}"
     print(f"{source}: accuracy {report.accuracy:.1%} ({report.n_correct}/{report.n}, {report.n_errors} unparsed), 1 run")
     if args.out:
@@ -239,15 +304,22 @@ def _serve(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, stop)
     program, manifest = _load_program(args.program)
     server = _start_server(ServerConfig(model=_base_model(manifest), host=args.host, port=args.port))
-    with server:
+    with server, RoleServers(server) as servers:
         serve_prompters(program, server)
         names = sorted(server.adapters)
+        target_model = _saved_role(manifest, "target")
+        # the solver's own local model, when it ran on another one than the prompter's
+        target = servers.get("target", target_model) if target_model != LOCAL and _is_local(target_model) else None
         serving.set()
         print(f"serving on {server.api_base} (OpenAI-compatible)\n  base model: {server.served_model_name}\n"
               f"  prompter adapter(s): {', '.join(names)}\n  reward t*: {program.prompter.reward}\n"
-              f"use it: dspy.LM('hosted_vllm/{names[0]}', api_base='{server.api_base}', api_key='local')\n"
-              "Ctrl-C stops the server.", flush=True)
-        while server.running and not stop_requested.wait(1.0):
+              f"use it: dspy.LM('hosted_vllm/{names[0]}', api_base='{server.api_base}', api_key='local')", flush=True)
+        if target is not None and target is not server:
+            print(f"target (solver) model: {target_model} on {target.api_base} as hosted_vllm/{target.served_model_name}")
+        elif target_model != LOCAL:
+            print(f"target (solver) model of the compile: {target_model} (an API model; not served here)")
+        print("Ctrl-C stops the server.", flush=True)
+        while all(s.running for s in servers.servers.values()) and not stop_requested.wait(1.0):
             pass
         if not stop_requested.is_set():
             raise UserError(f"the server stopped; see its log {server.log_path}")
@@ -292,7 +364,10 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--val-size", type=int, default=50)
     comp.add_argument("--model", default="default", help="the prompter's base model, served locally by vLLM")
     for role in ("target", "critic", "optimizer"):
-        comp.add_argument(f"--{role}-model", default=LOCAL, help=f"the {role}'s LM: 'local' (the prompter's base model) or a litellm name")
+        comp.add_argument(f"--{role}-model", default=LOCAL,
+                          help=f"the {role}'s LM: 'local' (the prompter's base model), another local model (an embedded "
+                               "name such as qwen2.5-coder-1.5b, a folder or a .gguf: served by a vLLM server of its own) "
+                               "or a litellm name")
     comp.add_argument("--rounds", type=_positive, default=None, help="overrides the config file")
     comp.add_argument("--config", default=None, help="a TOML, YAML or JSON file of TRPromptConfig settings")
     comp.add_argument("--log-dir", default=None, help="run folder (default: runs/compile-<time>)")
@@ -307,7 +382,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_args(ev, file_help="your own .jsonl/.csv")
     ev.add_argument("--split", default="test")
     ev.add_argument("--n", type=_positive, default=None, help="first N questions (default: all)")
-    ev.add_argument("--target-model", default=LOCAL, help="the solver's LM: 'local' or a litellm name")
+    ev.add_argument("--target-model", default=None,
+                    help="the solver's LM: 'local' (the prompter's base model), another local model, or a litellm name "
+                         "(default: the one the program was compiled with, from its manifest)")
     ev.add_argument("--max-tokens", type=_positive, default=384)
     ev.add_argument("--num-threads", type=_positive, default=16)
     ev.add_argument("--port", type=int, default=None)

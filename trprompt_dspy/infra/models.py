@@ -214,6 +214,14 @@ def output_format_for(name_or_path: str | os.PathLike | None, model_path: str | 
     return "prose"
 
 
+def is_local_model(name_or_path: str | os.PathLike) -> bool:
+    """Whether a model choice names a model this machine serves itself (the embedded default, an
+    embedded real model, an existing folder or ``.gguf`` file) rather than an API model; hub ids
+    are not local here (``org/name`` is also litellm's ``provider/model``)."""
+    text = os.fspath(name_or_path)
+    return text.lower() in DEFAULT_MODEL_ALIASES or text.lower() in EMBEDDED_MODELS or Path(text).expanduser().exists()
+
+
 def resolve_model(name_or_path: str | os.PathLike | None = None, *, cache_dir: str | os.PathLike | None = None) -> str:
     """Turn a user's model choice into what vLLM's ``--model`` takes.
 

@@ -4,7 +4,7 @@
 
     folder/program.json        DSPy JSON state (each prompter's t* and adapter entry; no API keys)
     folder/adapters/<name>/    each prompter's LoRA adapter (safetensors + JSON only)
-    folder/manifest.json       base model, adapter names, t*, library versions
+    folder/manifest.json       base model, adapter names, t*, where each role ran, versions
 
 ``load_compiled(program, folder)`` restores the state and points the adapter entries at the
 copies in ``folder``; ``serve_prompters(program)`` loads the adapters into a vLLM server on their
@@ -44,6 +44,10 @@ def save_compiled(program: dspy.Module, folder: str | os.PathLike) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     originals = []
     manifest: dict[str, Any] = {"format": 1, "prompters": {}, "versions": versions()}
+    # where the target, critic and optimizer ran in the compile ({"local": bool, "model": name}),
+    # so that `trprompt evaluate`/`serve` start the same local models; names only, never keys
+    manifest["roles"] = {role: {k: v for k, v in entry.items() if k in ("local", "model", "output_format", "shares_prompter")}
+                         for role, entry in (getattr(program, "role_models", None) or {}).items()}
     try:
         for name, predictor in prompt_generators(program):
             entry: dict[str, Any] = {"reward": predictor.reward, "adapter": None}
@@ -115,6 +119,8 @@ def load_compiled(
         raise FileNotFoundError(f"{folder} holds no {PROGRAM_STATE_FILE}; is it a saved TRPrompt program?")
     state = orjson.loads(state_file.read_bytes())
     state.pop("metadata", None)
+    manifest = read_json(folder / MANIFEST_FILE) or {}
+    program.role_models = manifest.get("roles") or {}
     structured_lms = _take_structured_lms(state, allow_unsafe_lm_state)
     program.load_state(state, allow_unsafe_lm_state=allow_unsafe_lm_state)
     predictors = dict(program.named_predictors())

@@ -128,12 +128,12 @@ class _RoundLoop:
                     result = fn()
             except Exception as exc:
                 check_interrupted()
-                if self.tele.server.running or not uses_server:
+                if self._servers_up() or not uses_server:
                     raise
                 logger.warning("%s failed while the vLLM server was down (%s: %s)", key, type(exc).__name__, exc)
                 continue
             check_interrupted()  # a Ctrl-C swallowed inside the stage: never mark it done
-            if self.tele.server.running or not uses_server:
+            if self._servers_up() or not uses_server:
                 break
             logger.warning("the vLLM server died during %s; its result is discarded and the stage runs again", key)
         # the time spent restarting the server is counted as server start, not as the stage
@@ -142,23 +142,28 @@ class _RoundLoop:
         self.folder.mark_done(key, result)
         return result, seconds, False
 
+    def _servers_up(self) -> bool:
+        return all(server.running for server in self.tele.servers)
+
     def _ensure_server(self, where: str) -> None:
-        """Restart the local server if it died (bounded by ``config.max_server_restarts``)."""
-        server = self.tele.server
-        if server.running:
-            return
-        if self.restarts >= self.config.max_server_restarts:
-            raise ServerDiedError(
-                f"the vLLM server died during {where} (log: {server.log_path}) after "
-                f"{self.restarts} restart(s) (max_server_restarts={self.config.max_server_restarts}). "
-                f"Completed work is kept in {self.folder.path}: start a server and compile again "
-                "with the same log_dir to resume."
-            )
-        self.restarts += 1
-        t0 = time.perf_counter()
-        server.restart()
-        self.server_start_s += time.perf_counter() - t0
-        self.report.setdefault("server_restarts", []).append({"during": where, "seconds": round(time.perf_counter() - t0, 1)})
+        """Restart every local server that died (the prompter's and the roles' own; bounded by
+        ``config.max_server_restarts`` over all of them)."""
+        for server in self.tele.servers:
+            if server.running:
+                continue
+            if self.restarts >= self.config.max_server_restarts:
+                raise ServerDiedError(
+                    f"the vLLM server of {server.config.model} died during {where} (log: {server.log_path}) after "
+                    f"{self.restarts} restart(s) (max_server_restarts={self.config.max_server_restarts}). "
+                    f"Completed work is kept in {self.folder.path}: start a server and compile again "
+                    "with the same log_dir to resume."
+                )
+            self.restarts += 1
+            t0 = time.perf_counter()
+            server.restart()
+            self.server_start_s += time.perf_counter() - t0
+            self.report.setdefault("server_restarts", []).append(
+                {"during": where, "model": str(server.config.model), "seconds": round(time.perf_counter() - t0, 1)})
 
     def _round(self, k: int) -> None:
         round_dir = self.folder.round_dir(k)

@@ -58,6 +58,10 @@ class TRPromptTeleprompter(Teleprompter):
             base model (the paper's setting: one model in all roles).
         critic_lm: LM of the critic; default: the server's base model.
         optimizer_lm: LM of TextGrad (feedback and proposals); default: the server's base model.
+            Each of the three may also be a running ``VLLMServer`` on another local base model
+            (e.g. target = Qwen 0.5B base, critic and optimizer = Qwen 1.5B): the role then
+            gets that server's LM in its own wire format, and the compile restarts that server
+            too when it dies. One server per distinct base model; roles may share one.
         structured: local roles get a ``StructuredLM`` in the server's wire format, and every role
             the matching adapter: ``json`` (vLLM enforces each signature's JSON schema, so even a
             135M model's replies parse) or ``prose`` (real models; see ``ServerConfig.output_format``).
@@ -73,9 +77,9 @@ class TRPromptTeleprompter(Teleprompter):
         *,
         server: Any,
         metric: Callable[..., Any] | None = None,  # required: None only to get the message below
-        target_lm: dspy.BaseLM | None = None,
-        critic_lm: dspy.BaseLM | None = None,
-        optimizer_lm: dspy.BaseLM | None = None,
+        target_lm: Any = None,
+        critic_lm: Any = None,
+        optimizer_lm: Any = None,
         structured: bool = True,
         output_format: str | None = None,
         config: TRPromptConfig | None = None,
@@ -101,9 +105,32 @@ class TRPromptTeleprompter(Teleprompter):
         self.config = config or TRPromptConfig()
         self.log_dir = log_dir
         self.lm_kwargs = {"max_tokens": 384, "temperature": 0.0, **(lm_kwargs or {})}
-        self.target_lm = target_lm
-        self.critic_lm = critic_lm or self._server_lm()
-        self.optimizer_lm = optimizer_lm or self._server_lm()
+        #: the local servers of roles on another base model than the prompter's, by role
+        self.role_servers: dict[str, Any] = {}
+        self.target_lm = self._role_lm("target", target_lm)
+        self.critic_lm = self._role_lm("critic", critic_lm) or self._server_lm()
+        self.optimizer_lm = self._role_lm("optimizer", optimizer_lm) or self._server_lm()
+
+    @property
+    def servers(self) -> list[Any]:
+        """Every local server the compile uses: the prompter's first, then the roles' own."""
+        unique = {id(self.server): self.server}
+        unique.update((id(s), s) for s in self.role_servers.values())
+        return list(unique.values())
+
+    def _role_lm(self, role: str, given: Any) -> Any:
+        """A role's LM: None (the default), an LM as given, or the LM of a running server."""
+        if given is None or isinstance(given, dspy.BaseLM):
+            return given
+        if not callable(getattr(given, "lm", None)) or not hasattr(given, "running"):
+            raise TypeError(f"{role}_lm must be a dspy.BaseLM or a running VLLMServer, got a {type(given).__name__}")
+        if not given.running:
+            raise ValueError(f"{role}_lm: the server of {getattr(given, 'model_path', '?')} is not running")
+        if given is not self.server:
+            self.role_servers[role] = given
+        if self.structured:
+            return given.lm(structured=True, **self.lm_kwargs)  # in that model's own wire format
+        return given.lm(**self.lm_kwargs)
 
     def _server_lm(self, name: str | None = None) -> dspy.BaseLM:
         if self.structured:
@@ -160,13 +187,30 @@ class TRPromptTeleprompter(Teleprompter):
         meter.assign_role(self.optimizer_lm, "optimizer")
         loop = _RoundLoop(self, run, meter, program, prompter, solver, critic, list(trainset), list(valset or []))
         settings: dict[str, Any] = {"callbacks": [*dspy.settings.get("callbacks", []), loop.clock]}
-        if self.structured:
-            # every role, API ones too, in the wire format of the local model (json or prose)
+        if self.structured and not self.role_servers:
+            # every role, API ones too, in the wire format of the local model (json or prose);
+            # with roles on several local models each StructuredLM picks its own format and an
+            # API role gets DSPy's default adapter
             settings["adapter"] = adapter_for(self.output_format)
         with dspy.context(**settings), watch_sigint():
             loop.run()
         program._compiled = True
+        program.role_models = self._role_models(solver.solve.lm)
         return program
+
+    def _role_models(self, target_lm: Any) -> dict[str, dict[str, Any]]:
+        """Where each role ran, for the saved program's manifest: a local base model (named as
+        it was served, e.g. an embedded name) or an API model (its litellm name)."""
+        roles: dict[str, dict[str, Any]] = {}
+        for role, lm in (("target", target_lm), ("critic", self.critic_lm), ("optimizer", self.optimizer_lm)):
+            api_base = getattr(lm, "kwargs", {}).get("api_base")
+            server = next((s for s in self.servers if s.api_base == api_base), None)
+            if server is not None:
+                roles[role] = {"local": True, "model": str(server.config.model), "output_format": server.output_format,
+                               "shares_prompter": server is self.server}
+            else:
+                roles[role] = {"local": False, "model": getattr(lm, "model", None)}
+        return roles
 
     def _fingerprint(self, trainset, valset) -> dict[str, Any]:
         return {
@@ -176,6 +220,9 @@ class TRPromptTeleprompter(Teleprompter):
             "valset": [example_id(ex, i) for i, ex in enumerate(valset or [])],
             "structured": self.structured,
             "output_format": self.output_format,
+            # a role moved to another local model changes what is computed (absent when none
+            # is, so that run folders of one-model compiles stay resumable)
+            **({"role_models": {r: s.model_path for r, s in sorted(self.role_servers.items())}} if self.role_servers else {}),
         }
 
     def _describe(self) -> dict[str, Any]:
@@ -190,6 +237,7 @@ class TRPromptTeleprompter(Teleprompter):
                     "optimizer": lm_name(self.optimizer_lm)},
             "structured": self.structured,
             "output_format": self.output_format,
+            "role_servers": {r: {"model": s.model_path, "output_format": s.output_format} for r, s in self.role_servers.items()},
             # an api_key/api_base given for the roles' LMs never lands in the run folder
             "lm_kwargs": {k: v for k, v in self.lm_kwargs.items() if not k.startswith("api_")},
         }
