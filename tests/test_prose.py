@@ -106,6 +106,13 @@ def test_each_model_gets_its_wire_format(tmp_path, tiny_model_dir):
     assert output_format_for(str(big)) == "prose"
     (big / PROFILE_FILE).write_text('{"output_format": "json"}')        # a folder may say otherwise
     assert output_format_for(str(big)) == "json"
+    from trprompt_dspy.infra.model_cache import ModelNotAvailableError
+
+    for bad, message in (('{"output_format": "xml"}', "must be one of json, prose, got 'xml'"),
+                         ("[1, 2]", "is not a JSON object"), ("{oops", "is not a JSON object")):
+        (big / PROFILE_FILE).write_text(bad)
+        with pytest.raises(ModelNotAvailableError, match=message):
+            output_format_for(str(big))
 
 
 def test_a_prose_lm_sends_no_schema_and_gets_the_prose_adapter():

@@ -205,9 +205,14 @@ def output_format_for(name_or_path: str | os.PathLike | None, model_path: str | 
     if folder.is_dir():
         profile = folder / PROFILE_FILE
         if profile.is_file():
-            value = json.loads(profile.read_text()).get("output_format")
-            if value in OUTPUT_FORMATS:
-                return value
+            # a profile that says something unusable is a mistake to report, not to ignore
+            try:
+                value = json.loads(profile.read_text()).get("output_format")
+            except (ValueError, AttributeError):
+                raise ModelNotAvailableError(f"{profile} is not a JSON object like {{\"output_format\": \"prose\"}}") from None
+            if value not in OUTPUT_FORMATS:
+                raise ModelNotAvailableError(f"{profile}: output_format must be one of {', '.join(OUTPUT_FORMATS)}, got {value!r}")
+            return value
         weights = sum(p.stat().st_size for p in folder.glob("*.safetensors"))
         if 0 < weights < _SMALL_MODEL_BYTES:
             return "json"

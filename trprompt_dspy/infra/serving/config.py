@@ -56,7 +56,10 @@ class ServerConfig:
         max_cpu_loras: adapters kept in host memory (vLLM default: ``max_loras``).
         max_model_len: context length; None uses the model's own (8192 for SmolLM2, which only
             costs KV-cache space).
-        dtype: ``"auto"``, ``"bfloat16"``, ``"float16"`` or ``"float32"``.
+        dtype: ``"auto"``, ``"bfloat16"``, ``"float16"`` or ``"float32"``. ``"auto"`` on CPU is
+            the model's own dtype where the CPU computes bf16 natively (AVX512-bf16 or AMX), else
+            float32: emulated bf16 on an AVX2-only CPU measured ~10x slower (Qwen2.5-Coder-0.5B,
+            see :func:`serving_dtype`); on GPU it is vLLM's own choice.
         max_num_seqs: most sequences batched together; None keeps vLLM's default.
         enforce_eager: skip graph capture/compilation; None means True on CPU (start-up time
             matters more than peak speed there) and False on GPU.
@@ -140,6 +143,16 @@ def default_served_name(model_path: str) -> str:
     return model_path  # a hub id is its own name
 
 
+def serving_dtype(config: ServerConfig, device: str) -> str:
+    """The ``--dtype`` vLLM gets: :attr:`ServerConfig.dtype`, with ``"auto"`` on a CPU without
+    native bf16 made ``"float32"`` (vLLM's auto would keep a bf16 checkpoint in bf16)."""
+    from ..device import cpu_has_native_bf16
+
+    if config.dtype == "auto" and device == "cpu" and not cpu_has_native_bf16():
+        return "float32"
+    return config.dtype
+
+
 def vllm_args(config: ServerConfig, *, model_path: str, served_model_name: str, port: int,
               device: str) -> list[str]:
     """Arguments of vLLM's OpenAI API server for ``config`` on the resolved ``device``."""
@@ -148,7 +161,7 @@ def vllm_args(config: ServerConfig, *, model_path: str, served_model_name: str, 
         "--served-model-name", served_model_name,
         "--host", config.host,
         "--port", str(port),
-        "--dtype", config.dtype,
+        "--dtype", serving_dtype(config, device),
         "--seed", str(config.seed),
         "--disable-uvicorn-access-log",
     ]
