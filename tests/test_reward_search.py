@@ -156,13 +156,13 @@ class Optimizer:
         return reply
 
 
-def run_search(optimizer, trainset, *, world=None, **config):
+def run_search(optimizer, trainset, *, world=None, initial=None, **config):
     config.setdefault("progress", False)
     config.setdefault("num_threads", 1)  # proposals consumed in candidate order
     run_dir = config.pop("run_dir", None)
     cfg = RewardSearchConfig(**config)
     with dspy.context(lm=world or ScriptedLM(world_script)):
-        return search_reward(QueryAwarePrompter(reward=reward(2)), Solver(), trainset, metric,
+        return search_reward(QueryAwarePrompter(reward=initial or reward(2)), Solver(), trainset, metric,
                              optimizer_lm=optimizer.lm, config=cfg, run_dir=run_dir)
 
 
@@ -323,6 +323,19 @@ def test_ties_are_accepted_by_default_and_patience_stops_a_flat_search():
     assert [c.reason for c in result.trace[1].candidates] == [
         "tie with the current reward (accept_ties=False)", "unchanged (same as the current reward)"]
     assert result.best_reward == reward(2)
+
+
+def test_a_tie_at_zero_accuracy_is_no_evidence_and_is_not_accepted():
+    opt = Optimizer([tagged(reward(0, " variant"))])
+    result = run_search(opt, examples(range(8)), minibatch_size=8, num_candidates=1, steps=1, initial=reward(0))
+    (candidate,) = result.trace[1].candidates
+    assert candidate.accuracy == 0.0 and not candidate.accepted
+    assert candidate.reason == "tie at zero accuracy: nothing right to compare (accept_zero_ties=False)"
+    assert result.best_reward == reward(0) and result.trace[1].accepted is None
+    opt = Optimizer([tagged(reward(0, " variant"))])
+    result = run_search(opt, examples(range(8)), minibatch_size=8, num_candidates=1, steps=1, initial=reward(0),
+                        accept_zero_ties=True)
+    assert result.best_reward == reward(0, " variant")
 
 
 def test_best_of_several_good_candidates_wins_and_duplicates_are_not_evaluated_twice():

@@ -30,6 +30,9 @@ class RewardSearchConfig:
             t* (accepted ties do not count as progress); None never stops early.
         accept_ties: keep a candidate whose accuracy equals the current one (lets the search
             move across plateaus, which are common on small minibatches).
+        accept_zero_ties: also keep a tie at zero accuracy (minibatch and held-out slice all
+            wrong). Off by default: such a "tie" carries no evidence, and accepting it once made
+            a garbled proposal round 1's t* at 0.0 accuracy (``compile_default.json``).
         selection: ``"next"`` compares candidates with t* on the next minibatch (fresh data,
             one evaluation per step); ``"same"`` on the gradient's own minibatch (the paper).
         num_threads: threads per evaluation batch (each item is a prompter then a solver call)
@@ -87,6 +90,7 @@ class RewardSearchConfig:
     heldout_size: int = 0
     patience: int | None = 3
     accept_ties: bool = True
+    accept_zero_ties: bool = False
     selection: Literal["next", "same"] = "next"
     num_threads: int = speed_only(default=32)
     straggler_timeout_s: float = speed_only(default=120.0)

@@ -425,6 +425,9 @@ class RewardSearch:
             elif (not self.config.accept_ties and score.total == current.total
                   and (ho is None or ho.total == current_heldout.total)):
                 c.reason = "tie with the current reward (accept_ties=False)"
+            elif (not self.config.accept_zero_ties and score.total == current.total == 0
+                  and (ho is None or ho.total == current_heldout.total == 0)):
+                c.reason = "tie at zero accuracy: nothing right to compare (accept_zero_ties=False)"
             else:
                 eligible.append((c, rows, score, ho))
         if not eligible:
