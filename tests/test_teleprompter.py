@@ -24,7 +24,12 @@ def test_compile_two_rounds_save_load_in_a_new_process(tiny_run, vllm_server, tm
 
     # the student is untouched; the compiled copy carries t* and its adapter
     assert tiny_run.student.prompter.adapter is None and tiny_run.student.prompter.generate.lm is None
-    assert compiled.prompter.adapter["name"].startswith("prompter-r2-")
+    # the round with the best validation accuracy (the later on a tie) is the one returned
+    chosen = report["selected_round"]
+    accuracies = [row["validation"]["accuracy"] for row in report["rounds"]]
+    assert chosen in (1, 2) and accuracies[chosen - 1] == max(accuracies) and (chosen == 2 or accuracies[1] < accuracies[0])
+    assert compiled.prompter.adapter["name"].startswith(f"prompter-r{chosen}-")
+    assert compiled.prompter.reward == report["rounds"][chosen - 1]["reward_search"]["best_reward"]
     assert compiled.prompter.generate.lm.model == f"hosted_vllm/{compiled.prompter.adapter['name']}"
 
     assert [r["round"] for r in report["rounds"]] == [1, 2]
@@ -92,6 +97,19 @@ def test_rebalance_keeps_as_many_wrong_as_right_records():
     assert rebalance_records(records[:6]) == records[:6]  # nothing to balance against
 
 
+def test_the_round_returned_is_the_best_on_validation():
+    from trprompt_dspy.teleprompter.rounds import select_round
+
+    rows = [{"validation": {"accuracy": a}} for a in (0.4, 0.2, 0.4)]
+    assert select_round(rows, {"accuracy": 0.3}) == 3            # a tie goes to the later round
+    assert select_round(rows[:2], {"accuracy": 0.3}) == 1
+    assert select_round(rows, {"accuracy": 0.5}) == 0            # the untrained prompter, strictly best
+    assert select_round(rows, {"accuracy": 0.4}) == 3 and select_round(rows, None) == 3
+    assert select_round(rows[:2], None, "last") == 2 and select_round([{}, {}], None) == 2  # no validation
+    with pytest.raises(ValueError, match="select_round"):
+        TRPromptConfig(select_round="first")
+
+
 def test_bad_compile_arguments(vllm_server, tmp_path):
     tele = tiny_teleprompter(vllm_server, tmp_path / "run")
     ex = [dspy.Example(id="a", question="q", answer="1").with_inputs("question")]
@@ -137,7 +155,12 @@ def test_killed_compile_resumes_without_regenerating_records(clean_adapters, sha
     assert [r["round"] for r in report["rounds"]] == [1, 2]
     assert report["rounds"][0]["rollout"]["resumed"] == len(before)
     assert report["rounds"][0]["rollout"]["new"] == 8 - len(before)
-    assert compiled.prompter.adapter["name"].startswith("prompter-r2-")
+    # the round with the best validation accuracy (the later on a tie) is the one returned
+    chosen = report["selected_round"]
+    accuracies = [row["validation"]["accuracy"] for row in report["rounds"]]
+    assert chosen in (1, 2) and accuracies[chosen - 1] == max(accuracies) and (chosen == 2 or accuracies[1] < accuracies[0])
+    assert compiled.prompter.adapter["name"].startswith(f"prompter-r{chosen}-")
+    assert compiled.prompter.reward == report["rounds"][chosen - 1]["reward_search"]["best_reward"]
 
 
 def test_records_with_an_empty_prompt_or_critique_are_not_trained_on(tmp_path):

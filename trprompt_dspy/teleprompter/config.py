@@ -42,6 +42,10 @@ class TRPromptConfig:
         search: :class:`RewardSearchConfig` (steps, candidates, minibatch...).
         validate_initial: also validate the untrained prompter with the initial reward
             ("round 0"), the baseline each round is compared with.
+        select_round: which round ``compile`` returns: ``"best"`` (the highest validation
+            accuracy; on a tie the later round; round 0, the untrained prompter, only when it is
+            strictly best) or ``"last"``. Without a valset the last round. Every round is
+            recorded in the report either way.
         val_num_threads: threads of the validation pass (speed only).
         seed: seeds rebalancing.
         progress: progress bars (speed only).
@@ -62,6 +66,7 @@ class TRPromptConfig:
     finetune: FinetuneConfig = dataclasses.field(default_factory=FinetuneConfig)
     search: RewardSearchConfig = dataclasses.field(default_factory=RewardSearchConfig)
     validate_initial: bool = True
+    select_round: str = "best"
     val_num_threads: int = speed_only(default=16)
     seed: int = 0
     progress: bool = speed_only(default=True)
@@ -72,6 +77,7 @@ class TRPromptConfig:
         check_ints(self, ("max_server_restarts",), minimum=0)
         check_choice("reward", self.reward, ("textual", "numeric"))
         check_choice("rebalance", self.rebalance, ("none", "balance"))
+        check_choice("select_round", self.select_round, ("best", "last"))
         if self.rollout.reward != self.reward:
             self.rollout = dataclasses.replace(self.rollout, reward=self.reward)
 

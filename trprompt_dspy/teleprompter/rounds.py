@@ -94,6 +94,7 @@ class _RoundLoop:
             self.report["initial_validation"] = validation
         for k in range(1, self.config.rounds + 1):
             self._round(k)
+        self._return_selected_round()
         self.report["wall_s"] = round(time.perf_counter() - start, 2)
         # time with no LM call in flight and no training: what the library itself costs
         self.report["lm_busy_s"] = round(self.clock.busy_seconds, 2)
@@ -105,6 +106,25 @@ class _RoundLoop:
         self.report["usage"] = self.meter.to_dict()
         self.report["final_reward"] = self.reward
         write_report(self.folder, self.report)
+
+    def _return_selected_round(self) -> None:
+        """Leave the program holding the round :func:`select_round` picks (its t* and adapter)."""
+        last = self.config.rounds
+        k = select_round(self.report["rounds"], self.report.get("initial_validation"), self.config.select_round)
+        self.report["selected_round"] = k
+        if k == last:
+            return  # the program already holds the last round
+        if k == 0:
+            self.reward = self.config.initial_reward if self.config.reward == "textual" else self.report["rounds"][0]["reward_in"]
+            self.prompter.adapter = None
+            self.prompter.set_lm(self.tele._server_lm())
+        else:
+            row = self.report["rounds"][k - 1]
+            self.reward = row["reward_search"]["best_reward"]
+            self._ensure_server(f"round_{k}/serve_adapter")
+            self._serve_adapter(k, Path(row["finetune"]["adapter_dir"]))
+        self.prompter.reward = self.reward
+        logger.warning("returning round %d, the best on validation (select_round=%r)", k, self.config.select_round)
 
     # ------------------------------------------------------------------ one round
 
@@ -277,6 +297,19 @@ class _RoundLoop:
         )
         atomic_write_json(round_dir / "validation.json", report.to_dict())
         return {"accuracy": report.accuracy, "n": report.n, "n_correct": report.n_correct, "n_errors": report.n_errors}
+
+
+def select_round(rows: Sequence[dict[str, Any]], initial_validation: dict[str, Any] | None, how: str = "best") -> int:
+    """The round a compile returns (see ``TRPromptConfig.select_round``): with ``"best"``, the
+    highest validation accuracy, the later round on a tie, round 0 (``initial_validation``) only
+    when strictly best; the last round with ``"last"`` or without validation."""
+    last = len(rows)
+    if how == "last" or not all("validation" in row for row in rows):
+        return last
+    best = max(range(last), key=lambda i: (rows[i]["validation"]["accuracy"], i))
+    if initial_validation is not None and initial_validation["accuracy"] > rows[best]["validation"]["accuracy"]:
+        return 0
+    return best + 1
 
 
 def rebalance_records(records: Sequence[RolloutRecord], seed: int = 0) -> list[RolloutRecord]:
