@@ -50,6 +50,20 @@ def test_records_pair_each_prompt_with_its_critique_and_score(tmp_path):
     assert [row["prompt"] for row in read_jsonl(path)] == ["prompt-0", "prompt-1", "prompt-2", "prompt-3"]
 
 
+def test_the_seed_reaches_every_sampled_prompt():
+    """Repeated runs with other seeds in one process must not share DSPy's cached samples."""
+    ids = {}
+    for seed in (0, 3):
+        prompter, solver, critic = _roles(2, [{"reasoning": "r", "answer": "0"}] * 2)
+        run_rollout(prompter, solver, critic, _examples(1), gsm8k_metric, reward="x", round_index=2,
+                    config=RolloutConfig(n_samples=2, num_threads=1, seed=seed), progress=False)
+        ids[seed] = [h["kwargs"]["rollout_id"] for h in prompter.generate.lm.history]
+    assert ids[0] == [200_000, 200_001] and len(set(ids[0]) | set(ids[3])) == 4
+    config = t.TRPromptConfig(seed=3)
+    assert config.rollout.seed == 3 and config.search.seed == 3
+    assert t.TRPromptConfig(seed=3, rollout=RolloutConfig(seed=5)).rollout.seed == 5  # its own seed is kept
+
+
 def test_resume_keeps_completed_records_and_generates_only_the_rest(tmp_path):
     examples = _examples(2)
     path = tmp_path / "records.jsonl"

@@ -48,6 +48,9 @@ class RolloutConfig:
             ``reward_template``, and the critic is not called).
         reward_template: how a score is written as the reward text with ``reward="numeric"``
             (``{score}`` is the score in [0, 1]); QPO uses its own wording.
+        seed: part of every sample's DSPy ``rollout_id`` (with the round and sample index), so
+            runs with other seeds draw other samples instead of sharing DSPy's cached ones
+            (``TRPromptConfig.seed`` sets it).
     """
 
     n_samples: int = 4
@@ -55,6 +58,7 @@ class RolloutConfig:
     num_threads: int = speed_only(default=16)
     reward: str = "textual"
     reward_template: str = NUMERIC_REWARD_TEMPLATE
+    seed: int = 0
 
     def __post_init__(self) -> None:
         check_ints(self, ("n_samples", "num_threads"))
@@ -153,7 +157,8 @@ def run_rollout(
 
     def one(item: tuple[str, dspy.Example, int]) -> RolloutRecord:
         ex_id, example, sample = item
-        lm_config = {"temperature": config.temperature, "rollout_id": round_index * 100_000 + sample}
+        rollout_id = (config.seed * 1_000 + round_index) * 100_000 + sample
+        lm_config = {"temperature": config.temperature, "rollout_id": rollout_id}
         prompt = prompter(question=example.question, textual_reward=reward, config=lm_config).prompt
         try:
             solved = solver(question=example.question, prompt=prompt)

@@ -47,7 +47,9 @@ class TRPromptConfig:
             strictly best) or ``"last"``. Without a valset the last round. Every round is
             recorded in the report either way.
         val_num_threads: threads of the validation pass (speed only).
-        seed: seeds rebalancing.
+        seed: the compile's seed: rebalancing, the rollout's samples (``rollout.seed``) and the
+            search's minibatches and proposals (``search.seed``) follow it unless those are set
+            to a non-zero seed of their own.
         progress: progress bars (speed only).
         max_server_restarts: how many times the local vLLM server may be restarted when it dies
             during a compile (the interrupted stage runs again and keeps its completed work);
@@ -80,6 +82,10 @@ class TRPromptConfig:
         check_choice("select_round", self.select_round, ("best", "last"))
         if self.rollout.reward != self.reward:
             self.rollout = dataclasses.replace(self.rollout, reward=self.reward)
+        if self.seed and not self.rollout.seed:
+            self.rollout = dataclasses.replace(self.rollout, seed=self.seed)
+        if self.seed and not self.search.seed:
+            self.search = dataclasses.replace(self.search, seed=self.seed)
 
     def to_dict(self) -> dict[str, Any]:
         """Every setting (speed-only ones too) as plain data, as written to ``config.json``."""
