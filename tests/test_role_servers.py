@@ -56,7 +56,7 @@ def target_server(tmp_path_factory):
 
 
 def _kill(server) -> None:
-    for pid in server.pids:
+    for pid in server.pids():
         os.kill(pid, signal.SIGKILL)
     deadline = time.monotonic() + 30
     while server.running and time.monotonic() < deadline:
@@ -78,13 +78,18 @@ def test_a_compile_with_the_target_on_a_second_base_model(clean_adapters, target
     train = load_dataset("gsm8k", "train", data_dir=shared_data_dir, limit=4)
     val = load_dataset("gsm8k", "test", data_dir=shared_data_dir, limit=2)
     tele = t.TRPromptTeleprompter(server=clean_adapters, metric=gsm8k_metric, target_lm=target_server,
-                                  config=tiny_config(rounds=1), log_dir=tmp_path / "run", lm_kwargs=dict(TINY_LM_KWARGS))
+                                  config=tiny_config(rounds=1, select_round="best"), log_dir=tmp_path / "run",
+                                  lm_kwargs=dict(TINY_LM_KWARGS))
     assert tele.servers == [clean_adapters, target_server]
     _kill(target_server)
     compiled = tele.compile(t.TRPromptProgram(), trainset=train, valset=val)
 
     report = json.loads((tmp_path / "run" / "report.json").read_text())
     assert [r["model"] for r in report["server_restarts"]] == [str(target_server.config.model)]
+    # the best round on validation is returned: round 1, or round 0 (no adapter) if strictly better
+    chosen, round_1 = report["selected_round"], report["rounds"][0]["validation"]["accuracy"]
+    assert chosen == (0 if report["initial_validation"]["accuracy"] > round_1 else 1)
+    assert (compiled.prompter.adapter is None) == (chosen == 0)
     target_lm = compiled.solver.solve.lm
     assert target_lm.kwargs["api_base"] == target_server.api_base and target_lm.output_format == "prose"
     assert target_lm.history, "the solver never called its own server"
@@ -99,11 +104,13 @@ def test_a_compile_with_the_target_on_a_second_base_model(clean_adapters, target
     assert roles["target"] == {"local": True, "model": str(target_server.config.model), "output_format": "prose",
                                "shares_prompter": False}
     assert roles["critic"]["shares_prompter"] and roles["optimizer"]["shares_prompter"]
+    assert roles["prompter"]["model"] == str(clean_adapters.config.model)  # evaluate needs it without an adapter
 
     capsys.readouterr()
     code = main(["evaluate", str(tmp_path / "program"), "--dataset", "gsm8k", "--data-dir", str(shared_data_dir),
                  "--n", "2", "--max-tokens", "32", "--num-threads", "2"])
-    out = capsys.readouterr().out
-    assert code == 0, out
+    captured = capsys.readouterr()
+    out = captured.out
+    assert code == 0, captured.err
     assert f"starting a local server for the target ({target_server.config.model})" in out
     assert "gsm8k test: accuracy" in out and "/2," in out

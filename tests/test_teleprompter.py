@@ -24,12 +24,8 @@ def test_compile_two_rounds_save_load_in_a_new_process(tiny_run, vllm_server, tm
 
     # the student is untouched; the compiled copy carries t* and its adapter
     assert tiny_run.student.prompter.adapter is None and tiny_run.student.prompter.generate.lm is None
-    # the round with the best validation accuracy (the later on a tie) is the one returned
-    chosen = report["selected_round"]
-    accuracies = [row["validation"]["accuracy"] for row in report["rounds"]]
-    assert chosen in (1, 2) and accuracies[chosen - 1] == max(accuracies) and (chosen == 2 or accuracies[1] < accuracies[0])
-    assert compiled.prompter.adapter["name"].startswith(f"prompter-r{chosen}-")
-    assert compiled.prompter.reward == report["rounds"][chosen - 1]["reward_search"]["best_reward"]
+    assert report["selected_round"] == 2  # tiny_config: select_round="last"
+    assert compiled.prompter.adapter["name"].startswith("prompter-r2-")
     assert compiled.prompter.generate.lm.model == f"hosted_vllm/{compiled.prompter.adapter['name']}"
 
     assert [r["round"] for r in report["rounds"]] == [1, 2]
@@ -155,12 +151,8 @@ def test_killed_compile_resumes_without_regenerating_records(clean_adapters, sha
     assert [r["round"] for r in report["rounds"]] == [1, 2]
     assert report["rounds"][0]["rollout"]["resumed"] == len(before)
     assert report["rounds"][0]["rollout"]["new"] == 8 - len(before)
-    # the round with the best validation accuracy (the later on a tie) is the one returned
-    chosen = report["selected_round"]
-    accuracies = [row["validation"]["accuracy"] for row in report["rounds"]]
-    assert chosen in (1, 2) and accuracies[chosen - 1] == max(accuracies) and (chosen == 2 or accuracies[1] < accuracies[0])
-    assert compiled.prompter.adapter["name"].startswith(f"prompter-r{chosen}-")
-    assert compiled.prompter.reward == report["rounds"][chosen - 1]["reward_search"]["best_reward"]
+    assert report["selected_round"] == 2  # tiny_config: select_round="last"
+    assert compiled.prompter.adapter["name"].startswith("prompter-r2-")
 
 
 def test_records_with_an_empty_prompt_or_critique_are_not_trained_on(tmp_path):

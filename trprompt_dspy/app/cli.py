@@ -245,6 +245,9 @@ def _saved_role(manifest: dict[str, Any], role: str) -> str:
 def _base_model(manifest: dict[str, Any]) -> str:
     bases = {p.get("adapter", {}).get("base_model") for p in manifest.get("prompters", {}).values() if p.get("adapter")}
     bases.discard(None)
+    prompter = (manifest.get("roles") or {}).get("prompter") or {}
+    if not bases and prompter.get("model"):
+        return prompter["model"]  # the untrained prompter was the best round: no adapter names it
     if len(bases) != 1:
         raise UserError(f"the program's prompters name {len(bases)} base models ({', '.join(map(str, bases)) or 'none'}); expected one")
     return bases.pop()
@@ -311,9 +314,11 @@ def _serve(args: argparse.Namespace) -> int:
         # the solver's own local model, when it ran on another one than the prompter's
         target = servers.get("target", target_model) if target_model != LOCAL and _is_local(target_model) else None
         serving.set()
+        model = names[0] if names else server.served_model_name  # no adapter: the untrained prompter won
         print(f"serving on {server.api_base} (OpenAI-compatible)\n  base model: {server.served_model_name}\n"
-              f"  prompter adapter(s): {', '.join(names)}\n  reward t*: {program.prompter.reward}\n"
-              f"use it: dspy.LM('hosted_vllm/{names[0]}', api_base='{server.api_base}', api_key='local')", flush=True)
+              f"  prompter adapter(s): {', '.join(names) or 'none (the compile returned the untrained prompter)'}\n"
+              f"  reward t*: {program.prompter.reward}\n"
+              f"use it: dspy.LM('hosted_vllm/{model}', api_base='{server.api_base}', api_key='local')", flush=True)
         if target is not None and target is not server:
             print(f"target (solver) model: {target_model} on {target.api_base} as hosted_vllm/{target.served_model_name}")
         elif target_model != LOCAL:

@@ -158,7 +158,8 @@ def serve_prompters(
     Args:
         program: a loaded compiled program (or any program with compiled prompters).
         server: a running ``VLLMServer`` on the adapters' base model; None starts (or reuses)
-            a shared one for that base model.
+            a shared one for that base model. A prompter without an adapter (a compile that
+            returned the untrained round 0) gets the given server's base model.
         structured: give the prompters a ``StructuredLM`` (use with ``dspy.JSONAdapter``, as in
             training); False gives a plain ``dspy.LM``.
         **lm_kwargs: for the LM (``max_tokens``, ``temperature``...).
@@ -168,13 +169,18 @@ def serve_prompters(
     """
     from ..infra.serving import ServerConfig, shared_server
 
+    untrained = []
     for _, predictor in prompt_generators(program):
         adapter = predictor.adapter
         if not adapter:
+            untrained.append(predictor)  # the compile returned round 0: the base model prompts
             continue
         if server is None:
             server = shared_server(ServerConfig(model=adapter["base_model"]))
         if adapter["name"] not in server.adapters:
             server.load_adapter(adapter["name"], adapter["path"])
         predictor.lm = server.lm(adapter["name"], structured=structured, **lm_kwargs)
+    if server is not None:
+        for predictor in untrained:
+            predictor.lm = server.lm(structured=structured, **lm_kwargs)
     return server

@@ -201,7 +201,10 @@ class TRPromptTeleprompter(Teleprompter):
     def _role_models(self, target_lm: Any) -> dict[str, dict[str, Any]]:
         """Where each role ran, for the saved program's manifest: a local base model (named as
         it was served, e.g. an embedded name) or an API model (its litellm name)."""
-        roles: dict[str, dict[str, Any]] = {}
+        # the prompter's base model too: a compile that returns round 0 has no adapter naming it
+        roles: dict[str, dict[str, Any]] = {"prompter": {
+            "local": True, "model": str(self.server.config.model), "output_format": self.output_format,
+            "shares_prompter": True}}
         for role, lm in (("target", target_lm), ("critic", self.critic_lm), ("optimizer", self.optimizer_lm)):
             api_base = getattr(lm, "kwargs", {}).get("api_base")
             server = next((s for s in self.servers if s.api_base == api_base), None)
