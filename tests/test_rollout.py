@@ -1,6 +1,8 @@
 """Rollout: records from scripted LMs (pure logic), resume from a records file, and one pass
 through the real vLLM server on the tiny model."""
 
+import dataclasses
+
 import dspy
 import pytest
 from dspy.utils.dummies import DummyLM
@@ -42,6 +44,10 @@ def test_records_pair_each_prompt_with_its_critique_and_score(tmp_path):
     assert [r.critique for r in result.records] == ["critique-0", "critique-1", "critique-2", "critique-3"]
     assert all(r.reward == "be clear" and r.round == 1 for r in result.records)
     assert result.accuracy == 0.75
+    assert result.answer_in_prompt_rate == 0.0 and result.summary()["answer_in_prompt_rate"] == 0.0
+    leaky = dataclasses.replace(result, records=[dataclasses.replace(r, prompt=f"The answer is {r.reference}.")
+                                                 for r in result.records])
+    assert leaky.answer_in_prompt_rate == 0.5  # q1 (2): given away; q0 (0): a number of the question itself
     # the prompter was conditioned on the reward, with a distinct rollout id per sample
     history = prompter.generate.lm.history
     assert all("be clear" in h["messages"][-1]["content"] for h in history)

@@ -86,10 +86,22 @@ class RolloutResult:
         """Share of records whose answer was correct (the prompter's training-time accuracy)."""
         return sum(bool(r.correct) for r in self.records) / len(self.records) if self.records else 0.0
 
+    @property
+    def answer_in_prompt_rate(self) -> float:
+        """Share of records whose prompt gives the gold answer away (its number is in the prompt
+        and not in the question: :func:`~trprompt_dspy.metrics.answer_in_text`). Such a prompt
+        earns a glowing critique for solving, not for prompting."""
+        from ..metrics import answer_in_text
+
+        if not self.records:
+            return 0.0
+        return sum(answer_in_text(r.prompt, r.reference, r.question) for r in self.records) / len(self.records)
+
     def summary(self) -> dict[str, Any]:
         return {
             "records": len(self.records), "new": self.n_new, "resumed": self.n_resumed,
             "failed": self.n_failed, "errors": self.error_counts, "accuracy": self.accuracy,
+            "answer_in_prompt_rate": self.answer_in_prompt_rate,
         }
 
 
