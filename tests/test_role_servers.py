@@ -114,3 +114,20 @@ def test_a_compile_with_the_target_on_a_second_base_model(clean_adapters, target
     assert code == 0, captured.err
     assert f"starting a local server for the target ({target_server.config.model})" in out
     assert "gsm8k test: accuracy" in out and "/2," in out
+
+
+def test_the_command_line_serves_a_local_role_model_and_checks_api_ones(tmp_path, monkeypatch):
+    from trprompt_dspy.app.cli import UserError, role_lm
+
+    class Servers:
+        def get(self, role, model):
+            return ("server for", role, model)
+
+    assert role_lm("target", LOCAL, {}) is None
+    assert role_lm("critic", str(tmp_path), {}, Servers()) == ("server for", "critic", str(tmp_path))
+    assert role_lm("target", "qwen2.5-coder-1.5b", {}, Servers()) == ("server for", "target", "qwen2.5-coder-1.5b")
+    with pytest.raises(UserError, match="a local model other than the prompter's is not supported here"):
+        role_lm("target", str(tmp_path), {})
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    with pytest.raises(UserError, match="--optimizer-model 'openai/gpt-4o-mini' needs OPENAI_API_KEY"):
+        role_lm("optimizer", "openai/gpt-4o-mini", {}, Servers())
