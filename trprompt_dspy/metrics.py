@@ -130,9 +130,12 @@ def parse_number(text: Any) -> float | None:
             num, den = int(m.group(1)), int(m.group(2))
             return None if den == 0 else float(Fraction(num, den))
     matches = _NUMBER_RE.findall(s)
-    if not matches:
-        return None
-    token = matches[-1].replace(",", "").replace("−", "-")
+    return _token_number(matches[-1]) if matches else None
+
+
+def _token_number(token: str) -> float | None:
+    """A number matched by ``_NUMBER_RE`` as a finite float, or None (too many digits, not finite)."""
+    token = token.replace(",", "").replace("−", "-")
     if sum(c.isdigit() for c in token) > MAX_NUMBER_DIGITS:
         return None
     try:
@@ -166,18 +169,8 @@ def numbers_equal(
 def numbers_in(text: Any) -> list[float]:
     """Every number written in ``text`` (``1,234``, ``-5``, ``0.5``; the first
     :data:`MAX_SCAN_CHARS` characters), as floats; never raises."""
-    values = []
-    for token in _NUMBER_RE.findall(str(text or "")[:MAX_SCAN_CHARS]):
-        token = token.replace(",", "").replace("−", "-")
-        if sum(c.isdigit() for c in token) > MAX_NUMBER_DIGITS:
-            continue
-        try:
-            value = float(token)
-        except ValueError:
-            continue
-        if math.isfinite(value):
-            values.append(value)
-    return values
+    values = (_token_number(token) for token in _NUMBER_RE.findall(str(text or "")[:MAX_SCAN_CHARS]))
+    return [value for value in values if value is not None]
 
 
 def answer_in_text(text: Any, gold: Any, question: Any = None) -> bool:

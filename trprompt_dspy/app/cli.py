@@ -111,17 +111,15 @@ class RoleServers:
     prompter's model shares it. Role servers load no adapters (no LoRA slots, less memory)."""
 
     def __init__(self, prompter_server: Any, log_dir: Path | None = None):
-        from ..infra.models import resolve_model
-
-        self._resolve = resolve_model
         self.log_dir = log_dir
         self.servers: dict[str, Any] = {prompter_server.model_path: prompter_server}
         self._started: list[Any] = []
 
     def get(self, role: str, model: str) -> Any:
+        from ..infra.models import resolve_model
         from ..infra.serving import ServerConfig
 
-        path = self._resolve(model)
+        path = resolve_model(model)
         if path not in self.servers:
             log = self.log_dir / f"vllm-{role}.log" if self.log_dir else None
             print(f"trprompt: starting a local server for the {role} ({model})", flush=True)
@@ -271,7 +269,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         if _is_local(target_model):
             target = role_lm("target", target_model, lm_kwargs, servers)
         serve_prompters(program, server, **lm_kwargs)
-        if target is None or not isinstance(target, dspy.BaseLM):
+        if not isinstance(target, dspy.BaseLM):  # None (the prompter's server) or a role server
             target = (target or server).lm(structured=True, temperature=0.0, **lm_kwargs)
         program.solver.set_lm(target)
         # each local role talks in its own model's wire format (its StructuredLM picks it)

@@ -115,7 +115,7 @@ class _RoundLoop:
         if k == last:
             return  # the program already holds the last round
         if k == 0:
-            self.reward = self.config.initial_reward if self.config.reward == "textual" else self.report["rounds"][0]["reward_in"]
+            self.reward = self.report["rounds"][0]["reward_in"]  # the initial reward, textual or numeric
             self.prompter.adapter = None
             self.prompter.set_lm(self.tele._server_lm())
         else:
