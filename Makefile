@@ -14,4 +14,4 @@ demo: setup
 
 ## The test suite (what .ci/run calls).
 test: setup
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q --durations=25

@@ -365,6 +365,44 @@ def test_heldout_slice_vetoes_a_candidate_that_only_fits_the_minibatch():
     assert len(result.trace[0].selection_minibatch) == 8
 
 
+def test_candidates_are_ranked_on_the_heldout_questions_first():
+    # A fits the (trained-on) minibatch best, B the held-out questions: B is t*
+    opt = Optimizer([tagged(reward(7)), tagged(reward(3, " HOLD"))])
+    cfg = RewardSearchConfig(minibatch_size=8, num_candidates=2, steps=1, num_threads=1, progress=False)
+    with dspy.context(lm=ScriptedLM(world_script)):
+        result = search_reward(QueryAwarePrompter(), Solver(), examples(range(8)), metric, optimizer_lm=opt.lm,
+                               config=cfg, initial_reward=reward(2), heldout=examples([100, 101]))
+    c = result.trace[1].candidates
+    assert (c[0].accuracy, c[0].heldout_accuracy, c[1].accuracy, c[1].heldout_accuracy) == (7 / 8, 0.0, 3 / 8, 1.0)
+    assert c[1].accepted and c[0].reason == "not selected: candidate 1 scored at least as well"
+    assert result.best_reward == reward(3, " HOLD")
+
+
+def _shifted_world(messages, request):
+    """world_script with every gold answer 500 above the question's number (so that an answer is
+    never one of the question's own numbers)."""
+    out = world_script(messages, request)
+    if out.get("answer") not in (None, "-1"):
+        out = {**out, "answer": str(int(out["answer"]) + 500)}
+    return out
+
+
+@pytest.mark.parametrize("reject", [True, False])
+def test_a_candidate_that_writes_a_gold_answer_of_the_minibatch_is_rejected(reject):
+    train = [dspy.Example(id=f"q{i}", question=f"Question number {i}.", answer=str(i + 500)).with_inputs("question")
+             for i in range(8)]
+    leak = reward(6) + " The total for question 3 is 503."
+    opt = Optimizer([tagged(leak), tagged(reward(5))])
+    result = run_search(opt, train, world=ScriptedLM(_shifted_world), minibatch_size=8, num_candidates=2, steps=1,
+                        reject_answer_leaks=reject)
+    c = result.trace[1].candidates
+    if reject:
+        assert c[0].reason == "gives away the gold answer of minibatch question(s) q3" and c[0].accuracy is None
+        assert result.best_reward == reward(5)
+    else:
+        assert c[0].accepted and result.best_reward == leak  # the better minibatch score wins when allowed
+
+
 def test_selection_on_the_same_minibatch_compares_where_the_gradient_came_from():
     opt = Optimizer([tagged(reward(5)), tagged(reward(9))])
     result = run_search(opt, examples(range(16)), minibatch_size=8, num_candidates=1, steps=2, selection="same",

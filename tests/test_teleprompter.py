@@ -41,6 +41,23 @@ def test_compile_two_rounds_save_load_in_a_new_process(tiny_run, vllm_server, tm
     assert len(read_jsonl(log_dir / "round_1" / "records.jsonl")) == 8
     assert (log_dir / "round_2" / "adapter" / "adapter_model.safetensors").is_file()
     assert (log_dir / "round_1" / "reward_search" / "reward_search.json").is_file()
+    # t* is also scored on the validation questions (which no adapter was trained on), and is
+    # no longer than the longest critique the round's adapter saw
+    from trprompt_dspy.metrics import answer_in_text
+    from trprompt_dspy.reward_search import read_trace
+
+    for k, row in enumerate(report["rounds"], start=1):
+        search = row["reward_search"]
+        assert search["heldout"] == 3 and search["accuracy_source"] == "heldout"
+        trained = [r for i in range(1, k + 1) for r in read_jsonl(log_dir / f"round_{i}" / "records.jsonl")
+                   if r["prompt"].strip() and r["critique"].strip()
+                   and not answer_in_text(r["prompt"], r["reference"], r["question"])]
+        longest = max(len(r["critique"].strip()) for r in trained)
+        assert search["max_reward_chars"] == max(20, min(200, longest))
+        trace = read_trace(log_dir / f"round_{k}" / "reward_search")
+        assert trace["config"]["max_reward_chars"] == search["max_reward_chars"]
+        assert trace["trace"][0]["current_heldout_accuracy"] is not None
+        assert len(search["best_reward"]) <= search["max_reward_chars"] or search["best_reward"] == row["reward_in"]
 
     out = tmp_path / "compiled"
     compiled.save(out)
@@ -104,6 +121,44 @@ def test_the_round_returned_is_the_best_on_validation():
     assert select_round(rows[:2], None, "last") == 2 and select_round([{}, {}], None) == 2  # no validation
     with pytest.raises(ValueError, match="select_round"):
         TRPromptConfig(select_round="first")
+
+
+def test_the_search_scores_t_star_on_questions_kept_out_of_sft():
+    from trprompt_dspy.teleprompter.rounds import search_split
+
+    train = [dspy.Example(id=f"t{i}", question=f"q{i}", answer="1") for i in range(10)]
+    val = [dspy.Example(id=f"v{i}", question=f"v{i}", answer="1") for i in range(5)]
+    # valset (the default): every training question is rolled out, the first N validation ones held out
+    assert search_split(train, val, TRPromptConfig(search_heldout_size=3)) == (train, val[:3])
+    assert search_split(train, val, TRPromptConfig(search_heldout_size=0))[1] == val
+    assert search_split(train, [], TRPromptConfig()) == (train, None)  # no valset: the paper's way
+    assert search_split(train, val, TRPromptConfig(search_heldout="none")) == (train, None)
+    # trainset: a seeded slice that the rollouts never see, both parts in the trainset's order
+    rest, held = search_split(train, val, TRPromptConfig(search_heldout="trainset", search_heldout_size=4, seed=1))
+    assert len(held) == 4 and sorted(rest + held, key=train.index) == train and not set(map(id, rest)) & set(map(id, held))
+    assert rest == sorted(rest, key=train.index) and held == sorted(held, key=train.index)
+    again = search_split(train, val, TRPromptConfig(search_heldout="trainset", search_heldout_size=4, seed=1))
+    assert again == (rest, held)
+    assert search_split(train, val, TRPromptConfig(search_heldout="trainset", search_heldout_size=4, seed=2)) != again
+    with pytest.raises(ValueError, match="leaves no training question"):
+        search_split(train, val, TRPromptConfig(search_heldout="trainset", search_heldout_size=10))
+    with pytest.raises(ValueError, match="search_heldout must be"):
+        TRPromptConfig(search_heldout="test")
+    with pytest.raises(ValueError, match="needs search_heldout_size >= 1"):
+        TRPromptConfig(search_heldout="trainset", search_heldout_size=0)
+
+
+def test_records_whose_prompt_gives_the_answer_away_are_not_trained_on():
+    from trprompt_dspy.rollout.records import RolloutRecord
+    from trprompt_dspy.teleprompter.rounds import without_answer_leaks
+
+    question = "Tom has 3 boxes of 4 apples. How many apples?"
+    records = [RolloutRecord(question=question, prompt=prompt, critique="c", reference="12")
+               for prompt in ("Multiply the boxes by the apples per box.", "3 x 4 = 12, so answer 12.",
+                              "Use the 3 and the 4 of the question.")]
+    assert without_answer_leaks(records) == [records[0], records[2]]
+    with pytest.raises(ValueError, match="answer_leaks must be"):
+        TRPromptConfig(answer_leaks="mask")
 
 
 def test_bad_compile_arguments(vllm_server, tmp_path):

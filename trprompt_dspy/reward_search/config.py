@@ -24,8 +24,9 @@ class RewardSearchConfig:
             throughput (see ``benchmarks/reward_search_speed.py``).
         minibatch_size: questions per forward pass and per candidate evaluation.
         heldout_size: questions taken from the trainset (disjoint from the minibatches) that
-            every candidate must also not do worse on; 0 disables the held-out check. Ignored
-            when ``search_reward`` gets an explicit ``heldout``.
+            every candidate must also not do worse on, and is ranked on first; 0 disables the
+            held-out check. Ignored when ``search_reward`` gets an explicit ``heldout`` (a
+            compile passes one: ``TRPromptConfig.search_heldout``).
         patience: stop after this many consecutive steps in which no candidate beat the current
             t* (accepted ties do not count as progress); None never stops early.
         accept_ties: keep a candidate whose accuracy equals the current one (lets the search
@@ -33,6 +34,10 @@ class RewardSearchConfig:
         accept_zero_ties: also keep a tie at zero accuracy (minibatch and held-out slice all
             wrong). Off by default: such a "tie" carries no evidence, and accepting it once made
             a garbled proposal round 1's t* at 0.0 accuracy (``compile_default.json``).
+        reject_answer_leaks: reject a proposal that writes the gold answer of a question of the
+            gradient's minibatch (the optimizer LM sees those answers; a t* carrying them would
+            teach the prompter to solve inside the prompt). A number the question itself holds
+            does not count.
         selection: ``"next"`` compares candidates with t* on the next minibatch (fresh data,
             one evaluation per step); ``"same"`` on the gradient's own minibatch (the paper).
         num_threads: threads per evaluation batch (each item is a prompter then a solver call)
@@ -91,6 +96,7 @@ class RewardSearchConfig:
     patience: int | None = 3
     accept_ties: bool = True
     accept_zero_ties: bool = False
+    reject_answer_leaks: bool = True
     selection: Literal["next", "same"] = "next"
     num_threads: int = speed_only(default=32)
     straggler_timeout_s: float = speed_only(default=120.0)

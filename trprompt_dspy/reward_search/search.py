@@ -53,6 +53,7 @@ from typing import Any, Callable, Sequence
 import dspy
 
 from ..errors import TRPromptError
+from ..metrics import answer_in_text
 from ..infra.textgrad_engine import DSPyEngine, is_hosted_vllm, regex_extra_body
 from .config import RewardSearchConfig
 from .forward import evaluate_rewards
@@ -69,6 +70,18 @@ from .trace import (
 
 logger = logging.getLogger(__name__)
 
+
+def reject_answer_leaks(candidates: Sequence[Any], rows: Sequence[dict[str, Any]]) -> None:
+    """Reject each still-valid candidate that writes the gold answer of a question of the gradient
+    minibatch (shown to the optimizer LM with its reference): such a t* would teach the prompter
+    to put answers in prompts, so a gain would measure solving, not prompting. A number that is
+    also in that question is not a leak (:func:`~trprompt_dspy.metrics.answer_in_text`)."""
+    for c in candidates:
+        if c.reason is not None:
+            continue
+        leaked = [r["id"] for r in rows if answer_in_text(c.reward, r.get("reference"), r.get("question"))]
+        if leaked:
+            c.reason = f"gives away the gold answer of minibatch question(s) {', '.join(map(str, leaked[:5]))}"
 
 class RewardSearchError(TRPromptError, RuntimeError):
     """The search cannot start or go on for a reason other than model output (e.g. every call
@@ -306,6 +319,8 @@ class RewardSearch:
                 t0 = time.perf_counter()
                 record.candidates = self.propose(t_star, step)
                 record.seconds["propose"] = time.perf_counter() - t0
+            if cfg.reject_answer_leaks:
+                reject_answer_leaks(record.candidates, state.forward_rows)
             valid = [c for c in record.candidates if c.reason is None]
 
             # Every valid candidate (and its held-out slice) in ONE batch.
@@ -432,9 +447,9 @@ class RewardSearch:
                 eligible.append((c, rows, score, ho))
         if not eligible:
             return None
-        # Most questions right over minibatch and held-out slice; on a tie the lowest index
-        # (the greedy proposal first).
-        winner = max(eligible, key=lambda e: (e[2].total + (e[3].total if e[3] else 0.0), -e[0].index))
+        # Most questions right on the held-out slice (questions no adapter was trained on), then
+        # on the minibatch; on a tie the lowest index (the greedy proposal first).
+        winner = max(eligible, key=lambda e: (e[3].total if e[3] else 0.0, e[2].total, -e[0].index))
         for c, _, score, ho in eligible:
             if c is not winner[0]:
                 c.reason = f"not selected: candidate {winner[0].index} scored at least as well"

@@ -46,6 +46,22 @@ class TRPromptConfig:
             accuracy; on a tie the later round; round 0, the untrained prompter, only when it is
             strictly best) or ``"last"``. Without a valset the last round. Every round is
             recorded in the report either way.
+        search_heldout: where the questions that every t* candidate is also scored on come
+            from, kept out of rollouts and SFT so that a t* that only recalls the prompts the
+            adapter was just trained on does not win (candidates are ranked on them first, then
+            on the minibatch, and must not do worse on either): ``"valset"`` (the first
+            ``search_heldout_size`` validation questions; without a valset the search falls
+            back to ``"none"`` with a warning), ``"trainset"`` (``search_heldout_size`` training
+            questions drawn with ``seed`` and never rolled out), or ``"none"`` (the paper: t* is
+            chosen on training questions only; ``search.heldout_size`` then applies).
+        answer_leaks: ``"drop"`` leaves out of SFT every record whose prompt writes the gold
+            answer (a number not in the question: ``metrics.answer_in_text``), so that the
+            prompter is not taught to solve inside the prompt; ``"keep"`` trains on them. The
+            rate is in each round's rollout summary (``answer_in_prompt_rate``) either way.
+        reward_chars_from_critiques: cap t* proposals (``search.max_reward_chars``) at the
+            longest critique the round's adapter was trained on, so that t* stays within what
+            the prompter saw as a reward; False keeps the search's own cap.
+        search_heldout_size: how many held-out questions (``"valset"``: 0 means all of them).
         val_num_threads: threads of the validation pass (speed only).
         seed: the compile's seed: rebalancing, the rollout's samples (``rollout.seed``) and the
             search's minibatches and proposals (``search.seed``) follow it unless those are set
@@ -69,6 +85,10 @@ class TRPromptConfig:
     search: RewardSearchConfig = dataclasses.field(default_factory=RewardSearchConfig)
     validate_initial: bool = True
     select_round: str = "best"
+    answer_leaks: str = "drop"
+    reward_chars_from_critiques: bool = True
+    search_heldout: str = "valset"
+    search_heldout_size: int = 16
     val_num_threads: int = speed_only(default=16)
     seed: int = 0
     progress: bool = speed_only(default=True)
@@ -76,10 +96,14 @@ class TRPromptConfig:
 
     def __post_init__(self) -> None:
         check_ints(self, ("rounds",))
-        check_ints(self, ("max_server_restarts",), minimum=0)
+        check_ints(self, ("max_server_restarts", "search_heldout_size"), minimum=0)
         check_choice("reward", self.reward, ("textual", "numeric"))
         check_choice("rebalance", self.rebalance, ("none", "balance"))
         check_choice("select_round", self.select_round, ("best", "last"))
+        check_choice("answer_leaks", self.answer_leaks, ("drop", "keep"))
+        check_choice("search_heldout", self.search_heldout, ("valset", "trainset", "none"))
+        if self.search_heldout == "trainset" and not self.search_heldout_size:
+            raise ValueError("search_heldout='trainset' needs search_heldout_size >= 1")
         if self.rollout.reward != self.reward:
             self.rollout = dataclasses.replace(self.rollout, reward=self.reward)
         if self.seed and not self.rollout.seed:

@@ -19,6 +19,7 @@ local vLLM server dies, it is restarted (up to ``max_server_restarts``) and the 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import random
 import time
@@ -35,7 +36,8 @@ from ..infra.parallel import check_interrupted
 from ..infra.runs import RunFolder, atomic_write_json
 from ..infra.usage import LMBusyClock, UsageMeter
 from ..modules.roles import QueryAwarePrompter, Solver, TextualCritic
-from ..reward_search import search_reward
+from ..metrics import answer_in_text
+from ..reward_search import RewardSearchConfig, search_reward
 from ..rollout.records import RolloutRecord, read_records
 from ..rollout.rollout import numeric_reward, records_path_for, run_rollout
 from .config import STAGES, TRPromptConfig
@@ -74,8 +76,11 @@ class _RoundLoop:
     ):
         self.tele, self.folder, self.meter = tele, run, meter
         self.program, self.prompter, self.solver, self.critic = program, prompter, solver, critic
-        self.trainset, self.valset = trainset, valset
         self.config: TRPromptConfig = tele.config
+        self.valset = valset
+        # rollouts, SFT and the search's minibatches use self.trainset; t* candidates are also
+        # scored on self.search_heldout, questions no adapter was trained on
+        self.trainset, self.search_heldout = search_split(trainset, valset, self.config)
         self.clock = LMBusyClock()
         self.training_s = 0.0
         self.server_start_s = 0.0
@@ -202,7 +207,7 @@ class _RoundLoop:
             search = {"best_reward": self.reward, "skipped": True}
             row["reward_search"] = search
         else:
-            search, _, _ = self._stage(k, "reward_search", lambda: self._search(round_dir))
+            search, _, _ = self._stage(k, "reward_search", lambda: self._search(k, round_dir))
             row["reward_search"] = search
         self.reward = search["best_reward"]
         self.prompter.reward = self.reward
@@ -244,6 +249,12 @@ class _RoundLoop:
             logger.warning("round %d: %d of %d records have an empty prompt or critique and are not trained on",
                            k, len(records) - len(usable), len(records))
         records = usable
+        if self.config.answer_leaks == "drop":
+            kept = without_answer_leaks(records)
+            if len(kept) < len(records):
+                logger.warning("round %d: %d of %d records give the gold answer away in the prompt and are not "
+                               "trained on (answer_leaks='drop')", k, len(records) - len(kept), len(records))
+            records = kept
         if self.config.rebalance == "balance":
             records = rebalance_records(records, seed=self.config.seed + k)
         return records
@@ -251,7 +262,8 @@ class _RoundLoop:
     def _finetune(self, k: int, round_dir: Path) -> dict[str, Any]:
         records = self._training_records(k)
         if not records:
-            raise CompileError(f"round {k}: no usable record to train on (all prompts or critiques were empty)")
+            raise CompileError(f"round {k}: no usable record to train on (every prompt or critique was empty, "
+                               "or gave the answer away)")
         ft_config = self.config.finetune.replace(overwrite=True, progress=self.config.progress)
         result = finetune_prompter(
             records, round_dir / "adapter", model=self.tele.server.model_path, config=ft_config,
@@ -278,16 +290,28 @@ class _RoundLoop:
         self.prompter.set_lm(self.tele._server_lm(name))
         self.prompter.adapter = {"name": name, "path": str(adapter_dir), "base_model": server.model_path}
 
-    def _search(self, round_dir: Path) -> dict[str, Any]:
+    def _search_config(self, k: int) -> RewardSearchConfig:
+        """The search's settings for round k: t* no longer than the longest critique trained on
+        (``reward_chars_from_critiques``), but never below the search's own minimum."""
+        cfg = self.config.search
+        if not self.config.reward_chars_from_critiques:
+            return cfg
+        longest = max((len(r.critique.strip()) for r in self._training_records(k)), default=cfg.max_reward_chars)
+        cap = max(cfg.min_reward_chars, min(cfg.max_reward_chars, longest))
+        return cfg if cap == cfg.max_reward_chars else dataclasses.replace(cfg, max_reward_chars=cap)
+
+    def _search(self, k: int, round_dir: Path) -> dict[str, Any]:
+        config = self._search_config(k)
         result = search_reward(
             self.prompter, self.solver, self.trainset, self.tele.metric,
-            optimizer_lm=self.tele.optimizer_lm, config=self.config.search,
-            run_dir=round_dir / "reward_search", initial_reward=self.reward,
+            optimizer_lm=self.tele.optimizer_lm, config=config,
+            run_dir=round_dir / "reward_search", initial_reward=self.reward, heldout=self.search_heldout,
         )
         return {
             "best_reward": result.best_reward, "best_accuracy": result.best_accuracy,
             "accuracy_source": result.accuracy_source, "steps_run": result.steps_run,
-            "stop_reason": result.stop_reason,
+            "stop_reason": result.stop_reason, "max_reward_chars": config.max_reward_chars,
+            "heldout": len(self.search_heldout) if self.search_heldout is not None else config.heldout_size,
         }
 
     def _validate(self, round_dir: Path) -> dict[str, Any]:
@@ -297,6 +321,29 @@ class _RoundLoop:
         )
         atomic_write_json(round_dir / "validation.json", report.to_dict())
         return {"accuracy": report.accuracy, "n": report.n, "n_correct": report.n_correct, "n_errors": report.n_errors}
+
+
+def search_split(
+    trainset: Sequence[dspy.Example], valset: Sequence[dspy.Example], config: TRPromptConfig
+) -> tuple[list[dspy.Example], list[dspy.Example] | None]:
+    """``(train, heldout)``: the questions rolled out and trained on, and those every t*
+    candidate is also scored on (None: the search holds out its own, ``search.heldout_size``).
+    See ``TRPromptConfig.search_heldout``; ``"trainset"`` draws its slice with ``config.seed``
+    and keeps the trainset's order in both parts."""
+    trainset = list(trainset)
+    how, size = config.search_heldout, config.search_heldout_size
+    if how == "valset" and not valset:
+        logger.warning("no valset: t* is chosen on training questions only (search_heldout='none')")
+        how = "none"
+    if how == "none":
+        return trainset, None
+    if how == "valset":
+        return trainset, list(valset[:size] if size else valset)
+    if size >= len(trainset):
+        raise ValueError(f"search_heldout_size={size} leaves no training question of {len(trainset)}")
+    held = set(random.Random(config.seed).sample(range(len(trainset)), size))
+    return ([ex for i, ex in enumerate(trainset) if i not in held],
+            [ex for i, ex in enumerate(trainset) if i in held])
 
 
 def select_round(rows: Sequence[dict[str, Any]], initial_validation: dict[str, Any] | None, how: str = "best") -> int:
@@ -310,6 +357,11 @@ def select_round(rows: Sequence[dict[str, Any]], initial_validation: dict[str, A
     if initial_validation is not None and initial_validation["accuracy"] > rows[best]["validation"]["accuracy"]:
         return 0
     return best + 1
+
+
+def without_answer_leaks(records: Sequence[RolloutRecord]) -> list[RolloutRecord]:
+    """The records whose prompt does not write the gold answer (``metrics.answer_in_text``)."""
+    return [r for r in records if not answer_in_text(r.prompt, r.reference, r.question)]
 
 
 def rebalance_records(records: Sequence[RolloutRecord], seed: int = 0) -> list[RolloutRecord]:

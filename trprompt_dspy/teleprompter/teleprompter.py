@@ -161,12 +161,17 @@ class TRPromptTeleprompter(Teleprompter):
             raise ValueError("trainset is empty")
         if valset is not None and not valset:
             raise ValueError("valset is empty (pass None to skip validation)")
-        search = self.config.search
-        if self.config.reward == "textual" and len(trainset) < search.minibatch_size + search.heldout_size:
-            raise ValueError(
-                f"trainset has {len(trainset)} examples; the reward search needs at least "
-                f"minibatch_size + heldout_size = {search.minibatch_size + search.heldout_size}"
-            )
+        search, cfg = self.config.search, self.config
+        if cfg.reward == "textual":
+            if cfg.search_heldout == "none" or (cfg.search_heldout == "valset" and not valset):
+                need, what = search.minibatch_size + search.heldout_size, "minibatch_size + heldout_size"
+            elif cfg.search_heldout == "trainset":
+                need, what = search.minibatch_size + cfg.search_heldout_size, "minibatch_size + search_heldout_size"
+            else:
+                need, what = search.minibatch_size, "minibatch_size"
+            if len(trainset) < need:
+                raise ValueError(f"trainset has {len(trainset)} examples; the reward search needs at least "
+                                 f"{what} = {need}")
         program = student.deepcopy()
         prompter, solver = _find_prompter(program)
         if prompter.generate.lm is None:
