@@ -137,24 +137,57 @@ def test_copro_instruction_answers_every_question(clean_adapters, fitting_lm, qu
         assert _calls(fitting_lm, program.solver.solve.signature, question=question.question, prompt="") == 1
 
 
-def test_accuracy_benchmark_writes_json_table_and_plot(vllm_server, shared_data_dir, tmp_path):
+def test_evidence_benchmark_pairs_methods_and_resumes_cell_by_cell(vllm_server, shared_data_dir, tmp_path):
+    """benchmarks/evidence.py on the tiny model: a seedless baseline and two compiled methods on
+    the same test questions, paired tests, then a killed cell resumed from its saved chunks."""
     import subprocess
     import sys
     from pathlib import Path
 
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "accuracy.py"
-    proc = subprocess.run(
-        [sys.executable, str(script), "--model", vllm_server.model_path, "--dataset", "gsm8k", "--data-dir",
-         str(shared_data_dir), "--train", "4", "--val", "2", "--test", "3", "--methods", "zero-shot,qpo,textgrad-instruction",
-         "--num-threads", "4", "--name", "tiny", "--out-dir", str(tmp_path / "out"), "--runs-dir", str(tmp_path / "runs")],
-        capture_output=True, text=True, timeout=900,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    results = json.loads((tmp_path / "out" / "accuracy-tiny.json").read_text())
-    assert list(results["methods"]) == ["zero-shot", "qpo", "textgrad-instruction"]
-    for row in results["methods"].values():
-        assert row["n"] == 3 and row["ci95"][0] <= row["accuracy"] <= row["ci95"][1]
-    assert results["methods"]["qpo"]["lm_calls"] > 0  # training calls are counted
-    table = (tmp_path / "out" / "accuracy-tiny.md").read_text()
-    assert "| QPO (re-impl.) |" in table and "95% interval" in table
-    assert (tmp_path / "out" / "accuracy-tiny.png").stat().st_size > 1000
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "evidence.py"
+    out, runs = tmp_path / "out", tmp_path / "runs"
+
+    def run(methods):
+        proc = subprocess.run(
+            [sys.executable, str(script), "--name", "tiny", "--model", vllm_server.model_path, "--dataset", "gsm8k",
+             "--data-dir", str(shared_data_dir), "--train", "4", "--val", "2", "--test", "3", "--chunk", "2",
+             "--methods", methods, "--seeds", "0", "--rounds", "1", "--search-steps", "1", "--minibatch", "2",
+             "--max-tokens", "32", "--num-threads", "4", "--out-dir", str(out), "--runs-dir", str(runs)],
+            capture_output=True, text=True, timeout=900,
+        )
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        return proc.stdout, json.loads((out / "evidence-tiny.json").read_text())
+
+    _, results = run("zero-shot,trprompt,qpo")
+    assert list(results["cells"]) == ["zero-shot", "trprompt-s0", "qpo-s0"]
+    for cell in results["cells"].values():
+        r = cell["test"]["gsm8k"]
+        assert r["n"] == 3 == len(r["correct"]) and r["ci95"][0] <= r["accuracy"] <= r["ci95"][1]
+        assert 0.0 <= r["answer_in_prompt_rate"] <= 1.0
+    compiled = results["cells"]["trprompt-s0"]
+    assert compiled["selected_round"] in (0, 1) and len(compiled["validation"]) == 2 and compiled["lm_calls"] > 0
+    use = compiled["reward_use"]
+    assert set(use) == {"t*", "negative critique", "initial reward"} and all(u["n"] == 2 for u in use.values())
+    assert use["t*"]["reward"] == compiled["final_reward"][:300] and "reward_use" not in results["cells"]["qpo-s0"]
+    assert results["cells"]["zero-shot"]["seed"] is None
+    pairs = {(p["method"], p["vs"]) for p in results["paired"]}
+    assert pairs == {("trprompt-s0", "zero-shot"), ("qpo-s0", "zero-shot"), ("qpo-s0", "trprompt-s0")}
+    for p in results["paired"]:
+        mine, other = (results["cells"][k]["test"]["gsm8k"]["correct"] for k in (p["method"], p["vs"]))
+        assert p["gained"] == sum(a > b for a, b in zip(mine, other)) and 0.0 <= p["p"] <= 1.0
+    table = (out / "evidence-tiny.md").read_text()
+    assert "| TRPrompt, seed 0 |" not in table and "| TRPrompt | 0 | gsm8k |" in table and "McNemar" in table
+    assert "Does the compiled prompter use its reward?" in table
+    assert (out / "evidence-tiny.png").stat().st_size > 1000
+
+    # a kill while the zero-shot cell was testing: one saved question and a torn line are left
+    saved = out / "evidence-tiny" / "zero-shot" / "gsm8k.jsonl"
+    rows = saved.read_text().splitlines()
+    saved.write_text(rows[0] + "\n" + rows[1][:7])
+    del results["cells"]["zero-shot"]
+    (out / "evidence-tiny.json").write_text(json.dumps(results))
+    stdout, again = run("zero-shot,trprompt,qpo")
+    assert "== trprompt-s0: done" in stdout and "== qpo-s0: done" in stdout
+    # only the two lost questions were asked again
+    assert [line.strip() for line in stdout.splitlines() if line.endswith("test questions")] == ["3/3 test questions"]
+    assert again["cells"]["zero-shot"]["test"]["gsm8k"]["n"] == 3
