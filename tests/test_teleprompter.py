@@ -3,6 +3,7 @@ SFT, TextGrad search; the compiled program saved, loaded in a new process and ru
 
 import dataclasses
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -96,9 +97,20 @@ def test_compile_two_rounds_save_load_in_a_new_process(tiny_run, vllm_server, tm
         print("REWARD", loaded.prompter.reward == {compiled.prompter.reward!r})
         print("PROMPT", type(out.prompt).__name__, "OK", type(out.ok).__name__)
     """)
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    # run as a user would, `python /tmp/my_script.py`: the script's folder is the temp folder the
+    # server logs go to, and comes first on sys.path
+    user_tmp = tmp_path / "user-tmp"
+    user_tmp.mkdir()
+    (user_tmp / "my_script.py").write_text(script)
+    proc = subprocess.run([sys.executable, str(user_tmp / "my_script.py")], capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "TMPDIR": str(user_tmp)})
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "REWARD True" in proc.stdout and "PROMPT str OK bool" in proc.stdout, proc.stdout
+    # nothing in the temp folder can be imported in place of the package, and the interpreter
+    # exits without a finaliser's traceback
+    assert not (user_tmp / "trprompt_dspy").exists()
+    assert any((user_tmp / "trprompt-dspy-logs").glob("vllm-base-*.log"))
+    assert "Exception ignored" not in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-3000:]
 
 
 def test_rebalance_keeps_as_many_wrong_as_right_records():

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
 import threading
 import time
 import uuid
@@ -92,7 +93,7 @@ class LoRAProvider(Provider):
             but it must be loaded by the caller (``server.load_adapter(job.adapter_name,
             job.finetune_result.adapter_dir)``).
         output_root: folder under which adapters are written when ``train_kwargs`` holds no
-            ``output_dir`` (default: ``$TMPDIR/trprompt_dspy/adapters``).
+            ``output_dir`` (default: ``<temp folder>/trprompt-dspy-adapters``).
         config: base :class:`FinetuneConfig`; ``train_kwargs`` override its fields per job.
         adapter_prefix: adapter names are ``<prefix>-<weights fingerprint>``, so a retrained
             adapter never reuses a name (DSPy caches responses by model name).
@@ -165,7 +166,7 @@ class LoRAProvider(Provider):
         name = kwargs.pop("adapter_name", None)
         config = self.config.replace(**kwargs) if kwargs else self.config
         if output_dir is None:
-            root = self.output_root or Path(os.environ.get("TMPDIR", "/tmp")) / "trprompt_dspy" / "adapters"
+            root = self.output_root or Path(tempfile.gettempdir()) / "trprompt-dspy-adapters"
             output_dir = root / f"{self.adapter_prefix}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
         job._status = TrainingStatus.running
         logger.info("fine-tuning %s (LM %s) on %d examples into %s", self.base_model(), model, len(train_data), output_dir)

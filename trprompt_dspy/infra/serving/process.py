@@ -27,6 +27,10 @@ from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
+#: folder (under the temp folder) of server logs given no ``log_path``: not a valid module name, so a
+#: script run from the temp folder cannot import it as an empty namespace package named like ours
+LOG_FOLDER = "trprompt-dspy-logs"
+
 #: run by its file path in the server process, before vLLM (see its docstring)
 LAUNCHER = Path(__file__).with_name("launcher.py")
 #: the module the launcher runs as ``__main__``
@@ -41,8 +45,8 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def default_log_path(served_model_name: str, port: int) -> Path:
-    """A new server log file under the temp folder, named by model, time and port."""
-    folder = Path(tempfile.gettempdir()) / "trprompt_dspy"
+    """A new server log file under ``<temp folder>/trprompt-dspy-logs``, named by model, time and port."""
+    folder = Path(tempfile.gettempdir()) / LOG_FOLDER
     folder.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     return folder / f"vllm-{served_model_name.replace('/', '_')}-{stamp}-{port}.log"

@@ -250,9 +250,13 @@ class VLLMServer:
 
     def __del__(self):
         # Last resort for a server dropped without stop(); atexit and the watchdog cover the rest.
-        with contextlib.suppress(Exception):
+        # At interpreter exit module globals (contextlib, logger...) may already be None: only
+        # builtins here, and whatever stop() trips over is swallowed.
+        try:
             if self._proc is not None:
                 self.stop(grace_s=2)
+        except Exception:
+            pass
 
     def _require_started(self) -> None:
         if self._proc is None:
