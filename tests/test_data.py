@@ -145,3 +145,20 @@ def test_dataset_name_split_and_folder_errors(shared_data_dir, tmp_path):
         load_dataset("gsm8k", data_dir=tmp_path / "nowhere")
     with pytest.raises(DataError, match="limit must be positive"):
         load_dataset("gsm8k", data_dir=shared_data_dir, limit=0)
+
+
+@pytest.mark.parametrize("operation", ["add", "sub", "mul", "div", "compare"])
+def test_no_word_problem_is_answered_by_echoing_one_of_its_numbers(operation):
+    from trprompt_dspy.data.word_problems import word_problems
+    from trprompt_dspy.metrics import numbers_in
+
+    metric = metric_for("words")
+    questions = word_problems(60, operations=(operation,), max_number=10) + word_problems(
+        60, split="train", operations=(operation,), max_number=10)
+    for ex in questions:
+        assert metric(ex, dspy.Prediction(answer=ex.answer))
+        # a reply repeating any number the question holds (the last one, say) is never right
+        for number in numbers_in(ex.question):
+            assert not metric(ex, dspy.Prediction(answer=f"{number:g}")), ex.question
+    if operation == "compare":
+        assert all(int(ex.answer) < max(numbers_in(ex.question)) for ex in questions)
