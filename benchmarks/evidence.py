@@ -149,11 +149,14 @@ def evaluate_in_chunks(program, test: list, metric, path: Path, args: argparse.N
         report = evaluate(program, [ex for _, ex in chunk], metric, num_threads=args.num_threads, progress=False)
         with path.open("a") as f:
             for (i, _), row in zip(chunk, report.rows):
-                prompt = (row["prediction"] or {}).get("prompt") or ""
+                prediction = row["prediction"] or {}
+                prompt = prediction.get("prompt") or ""
                 f.write(json.dumps({
                     "id": i, "correct": bool(row["correct"]), "unparsed": row["error"] is not None,
                     "answer_in_prompt": answer_in_text(prompt, row["gold"], row["question"]) if prompt else False,
-                    "prompt": prompt[:400],
+                    # what was asked and answered, cut short: enough to read why a question was lost
+                    "prompt": prompt[:400], "answer": str(prediction.get("answer", ""))[:200],
+                    "error": (row["error"] or "")[:200] or None,
                 }) + "\n")
         print(f"   {len(done) + start + len(chunk)}/{len(test)} test questions", flush=True)
     by_id = {r["id"]: r for r in read_chunks(path)}

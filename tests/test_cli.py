@@ -11,6 +11,7 @@ from helpers import cli_error
 
 from trprompt_dspy.app.cli import main
 from trprompt_dspy.app.config_file import ConfigError, config_from_dict, load_config
+from trprompt_dspy.data.word_problems import word_problems
 
 
 def test_user_mistakes_give_one_clear_message(capsys, tmp_path, monkeypatch, shared_data_dir):
@@ -127,13 +128,20 @@ def test_evaluate_and_serve_a_saved_program(tiny_demo, tmp_path):
     assert proc.returncode == 0, proc.stderr[-4000:]
     program = run / "program"
     out = tmp_path / "eval.json"
+    # the user's own file, with its own column names
+    mine = tmp_path / "mine.jsonl"
+    mine.write_text("".join(json.dumps({"problem": ex.question, "solution": ex.answer, "qid": f"my-{i}"}) + "\n"
+                            for i, ex in enumerate(word_problems(4, seed=3))))
     ev = subprocess.run(
-        [sys.executable, "-m", "trprompt_dspy", "evaluate", str(program), "--dataset", "words", "--n", "3",
+        [sys.executable, "-m", "trprompt_dspy", "evaluate", str(program), "--file", str(mine), "--metric", "words",
+         "--question-field", "problem", "--answer-field", "solution", "--id-field", "qid", "--n", "3",
          "--max-tokens", "96", "--out", str(out)],
         capture_output=True, text=True, timeout=600,
     )
     assert ev.returncode == 0, ev.stderr[-4000:]
-    assert "words test: accuracy" in ev.stdout and json.loads(out.read_text())["n"] == 3
+    assert f"{mine}: accuracy" in ev.stdout
+    report = json.loads(out.read_text())
+    assert report["n"] == 3 and [r["id"] for r in report["rows"]] == ["my-0", "my-1", "my-2"]
 
     # stderr is not read here: never let a full pipe block the server's shutdown
     serve = subprocess.Popen([sys.executable, "-m", "trprompt_dspy", "serve", str(program)],

@@ -85,7 +85,14 @@ def test_a_file_with_other_columns_is_refused_in_one_line(capsys, tmp_path):
     data = tmp_path / "mine.jsonl"
     data.write_text(json.dumps({"q": "1+1?", "a": "2"}) + "\n")
     err = cli_error(capsys, ["compile", "--file", str(data), "--metric", "gsm8k", "--train-size", "1", "--val-size", "0"])
-    assert "question" in err
+    # the file and line, the column it looked for and the columns there are
+    assert f"{data}:1: missing field 'question' (fields present: a, q)" in err
+    err = cli_error(capsys, ["compile", "--file", str(data), "--metric", "gsm8k", "--train-size", "1", "--val-size", "0",
+                             "--question-field", "q", "--answer-field", "answer"])
+    assert f"{data}:1: missing field 'answer'" in err
+    for command in (["compile"], ["evaluate", str(tmp_path)]):
+        err = cli_error(capsys, [*command, "--dataset", "gsm8k", "--question-field", "q", "--id-field", "n"])
+        assert "--question-field, --id-field name columns of your own --file" in err
 
 
 def test_a_file_needs_a_metric(capsys, tmp_path):

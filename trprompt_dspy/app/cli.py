@@ -81,8 +81,20 @@ def _load_examples(args: argparse.Namespace, *, split: str, limit: int | None) -
     from ..data.loaders import load_dataset, load_file
 
     if getattr(args, "file", None):
-        return load_file(args.file, limit=limit) if limit else load_file(args.file)
+        return load_file(args.file, limit=limit, **_file_fields(args)) if limit else load_file(args.file, **_file_fields(args))
     return load_dataset(args.dataset, split, data_dir=args.data_dir, limit=limit)
+
+
+#: the --file columns the user can rename, and their defaults
+FILE_FIELDS = {"question_field": "question", "answer_field": "answer", "id_field": "id"}
+
+
+def _file_fields(args: argparse.Namespace) -> dict[str, str]:
+    """The column names of ``--file``/``--val-file`` (``--question-field`` etc., else the defaults)."""
+    given = [f"--{f.replace('_', '-')}" for f in FILE_FIELDS if getattr(args, f, None) is not None]
+    if given and not getattr(args, "file", None):
+        raise UserError(f"{', '.join(given)} name columns of your own --file; a built-in --dataset has its own")
+    return {f: getattr(args, f, None) or default for f, default in FILE_FIELDS.items()}
 
 
 def _metric(args: argparse.Namespace):
@@ -176,7 +188,7 @@ def _compile(args: argparse.Namespace) -> int:
         if args.val_file:
             from ..data.loaders import load_file
 
-            val = load_file(args.val_file)[: args.val_size]
+            val = load_file(args.val_file, **_file_fields(args))[: args.val_size]
     else:
         from ..data.loaders import train_val_test
 
@@ -340,6 +352,9 @@ def _add_data_args(parser: argparse.ArgumentParser, *, file_help: str) -> None:
     source.add_argument("--file", default=None, help=file_help)
     parser.add_argument("--data-dir", default=None, help="local data folder (default: $TRPROMPT_DATA_DIR, else the hub)")
     parser.add_argument("--metric", default=None, help="metric by dataset name (default: the dataset's own; required with --file)")
+    for field, default in FILE_FIELDS.items():
+        parser.add_argument(f"--{field.replace('_', '-')}", default=None, metavar="COLUMN",
+                            help=f"the {field.split('_')[0]} column of --file (default: {default})")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -361,7 +376,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=_demo)
 
     comp = sub.add_parser("compile", help="compile a TRPromptProgram on a dataset or your own file")
-    _add_data_args(comp, file_help="your own .jsonl/.csv with question and answer fields")
+    _add_data_args(comp, file_help="your own .jsonl/.csv with question and answer columns (see --question-field)")
     comp.add_argument("--val-file", default=None, help="validation examples (with --file; default: cut from --file)")
     comp.add_argument("--train-size", type=_positive, default=32)
     comp.add_argument("--val-size", type=int, default=50)
@@ -414,6 +429,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # our progress bars and summaries instead
         logging.getLogger("textgrad").setLevel(logging.WARNING)
     try:
+        _file_fields(args)  # column flags without --file: refused before anything starts
         return args.func(args)
     except (TRPromptError, FileNotFoundError) as exc:
         # every library error is one line; -v also logs where it came from

@@ -17,7 +17,6 @@ Ctrl-C), and at interpreter exit. Roles that use a remote API never need this mo
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 import os
