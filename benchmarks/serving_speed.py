@@ -1,6 +1,7 @@
 """Serving speed of the local vLLM server: ready time, batching gain, peak memory.
 
-Measures, for the tiny test model and the embedded default model (SmolLM2-135M-Instruct):
+Measures, for the tiny test model, the embedded default model (SmolLM2-135M-Instruct) or any
+other model given by name (``--models qwen2.5-coder-0.5b``):
 
 * ready time: from spawning the server process to ``/health`` answering;
 * generation throughput with 1 request at a time and with N (default 16) concurrent requests,
@@ -39,7 +40,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from trprompt_dspy.infra.models import build_tiny_model, default_model_dir  # noqa: E402
+from trprompt_dspy.infra.models import build_tiny_model, resolve_model  # noqa: E402
 from trprompt_dspy.infra.serving import ServerConfig, VLLMServer  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results"
@@ -168,7 +169,9 @@ def _markdown(report: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", nargs="+", default=["tiny", "default"], choices=["tiny", "default"])
+    parser.add_argument("--models", nargs="+", default=["tiny", "default"],
+                        help="'tiny' (start-up and memory only), 'default' or any model resolve_model takes "
+                             "(e.g. qwen2.5-coder-0.5b)")
     parser.add_argument("--dtypes", nargs="+", default=["auto"], help="dtypes to try for the default model")
     parser.add_argument("--threads", nargs="+", type=int, default=[0], help="engine OpenMP threads (0: automatic)")
     parser.add_argument("--concurrency", type=int, default=16)
@@ -182,11 +185,11 @@ def main() -> None:
         tiny = build_tiny_model(log_dir / "tiny-llama")
         runs.append(measure("tiny", str(tiny), dtype="float32", cpu_threads=None, concurrency=args.concurrency,
                             max_tokens=args.max_tokens, speed=False, log_dir=log_dir))
-    if "default" in args.models:
-        folder = str(default_model_dir())
+    for name in (m for m in args.models if m != "tiny"):
+        folder = resolve_model(name)
         for dtype in args.dtypes:
             for threads in args.threads:
-                runs.append(measure("default", folder, dtype=dtype, cpu_threads=threads or None,
+                runs.append(measure(name, folder, dtype=dtype, cpu_threads=threads or None,
                                     concurrency=args.concurrency, max_tokens=args.max_tokens, speed=True,
                                     log_dir=log_dir))
     report = {
