@@ -119,47 +119,35 @@ def compile_config(args: argparse.Namespace, seed: int):
     )
 
 
-def read_chunks(path: Path) -> list[dict[str, Any]]:
-    """The test rows a cell has saved so far (a torn last line, from a kill, is dropped)."""
-    rows = []
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                break
-    return rows
-
-
 def evaluate_in_chunks(program, test: list, metric, path: Path, args: argparse.Namespace) -> list[dict[str, Any]]:
     """Every test question's row, evaluating only those not saved yet, ``--chunk`` at a time."""
     from trprompt_dspy.infra.evaluation import evaluate
+    from trprompt_dspy.infra.runs import JsonlAppender, read_jsonl
     from trprompt_dspy.infra.scoring import example_id
     from trprompt_dspy.metrics import answer_in_text
 
     ids = [example_id(ex, i) for i, ex in enumerate(test)]
-    rows = read_chunks(path)
-    if path.is_file():  # drop a torn last line before appending after it
+    rows = read_jsonl(path)  # a torn last line, from a kill, is dropped
+    if path.is_file():  # ... and cut off before appending after it
         path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     done = {r["id"] for r in rows}
     todo = [(i, ex) for i, ex in zip(ids, test) if i not in done]
-    path.parent.mkdir(parents=True, exist_ok=True)
+    saved = JsonlAppender(path)
     for start in range(0, len(todo), args.chunk):
         chunk = todo[start:start + args.chunk]
         report = evaluate(program, [ex for _, ex in chunk], metric, num_threads=args.num_threads, progress=False)
-        with path.open("a") as f:
-            for (i, _), row in zip(chunk, report.rows):
-                prediction = row["prediction"] or {}
-                prompt = prediction.get("prompt") or ""
-                f.write(json.dumps({
-                    "id": i, "correct": bool(row["correct"]), "unparsed": row["error"] is not None,
-                    "answer_in_prompt": answer_in_text(prompt, row["gold"], row["question"]) if prompt else False,
-                    # what was asked and answered, cut short: enough to read why a question was lost
-                    "prompt": prompt[:400], "answer": str(prediction.get("answer", ""))[:200],
-                    "error": (row["error"] or "")[:200] or None,
-                }) + "\n")
+        for (i, _), row in zip(chunk, report.rows):
+            prediction = row["prediction"] or {}
+            prompt = prediction.get("prompt") or ""
+            saved.append({
+                "id": i, "correct": bool(row["correct"]), "unparsed": row["error"] is not None,
+                "answer_in_prompt": answer_in_text(prompt, row["gold"], row["question"]) if prompt else False,
+                # what was asked and answered, cut short: enough to read why a question was lost
+                "prompt": prompt[:400], "answer": str(prediction.get("answer", ""))[:200],
+                "error": (row["error"] or "")[:200] or None,
+            })
         print(f"   {len(done) + start + len(chunk)}/{len(test)} test questions", flush=True)
-    by_id = {r["id"]: r for r in read_chunks(path)}
+    by_id = {r["id"]: r for r in read_jsonl(path)}
     return [by_id[i] for i in ids]
 
 
@@ -214,14 +202,13 @@ def mcnemar(a: list[int], b: list[int]) -> dict[str, Any]:
 
 def paired_tests(cells: dict[str, Any], datasets: list[str]) -> list[dict[str, Any]]:
     """Each trained cell against each seedless baseline and each other trained method of its seed."""
-    tests, order = [], list(cells)
-    for key, cell in cells.items():
+    tests, items = [], list(cells.items())
+    for n, (key, cell) in enumerate(items):
         if cell["method"] not in TRAINED:
             continue
-        for other_key, other in cells.items():
+        for other_n, (other_key, other) in enumerate(items):
             # each pair of trained methods once: the later cell (in run order) against the earlier
-            same_seed = (other["method"] in TRAINED and other["seed"] == cell["seed"]
-                         and order.index(other_key) < order.index(key))
+            same_seed = other_n < n and other["method"] in TRAINED and other["seed"] == cell["seed"]
             if other["method"] in SEEDLESS or same_seed:
                 for d in datasets:
                     if d in cell["test"] and d in other["test"]:

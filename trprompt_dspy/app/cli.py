@@ -81,7 +81,7 @@ def _load_examples(args: argparse.Namespace, *, split: str, limit: int | None) -
     from ..data.loaders import load_dataset, load_file
 
     if getattr(args, "file", None):
-        return load_file(args.file, limit=limit, **_file_fields(args)) if limit else load_file(args.file, **_file_fields(args))
+        return load_file(args.file, limit=limit, **_file_fields(args))
     return load_dataset(args.dataset, split, data_dir=args.data_dir, limit=limit)
 
 
