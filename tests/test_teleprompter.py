@@ -320,7 +320,7 @@ def test_speed_only_settings_keep_the_run_fingerprint(tmp_path):
 
     folder(tiny_config())
     # threads, progress bars and restarts change how fast a run goes: it resumes
-    folder(tiny_config(progress=False, val_num_threads=1, max_server_restarts=0,
+    folder(tiny_config(progress=False, val_num_threads=1, max_server_restarts=0, max_lm_calls=5, max_wall_s=60,
                        rollout=RolloutConfig(n_samples=2, temperature=1.0, num_threads=1)))
     # a setting that changes what is computed is refused, at the top level and in a section
     for changed in (tiny_config(rounds=3), tiny_config(rollout=RolloutConfig(n_samples=3, num_threads=8))):
@@ -341,7 +341,7 @@ def test_the_fingerprint_leaves_out_exactly_the_speed_only_settings():
                 for section in ("rollout", "finetune", "search")}
     left_out["top"] = set(config.to_dict()) - set(kept)
     assert left_out == {
-        "top": {"progress", "max_server_restarts", "val_num_threads"},
+        "top": {"progress", "max_server_restarts", "val_num_threads", "max_lm_calls", "max_cost_usd", "max_wall_s"},
         "rollout": {"num_threads"},
         "finetune": {"cpu_threads", "device", "gradient_checkpointing", "overwrite", "micro_batch_size", "progress"},
         "search": {"num_threads", "progress", "straggler_timeout_s"},

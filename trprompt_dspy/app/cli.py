@@ -41,6 +41,17 @@ def _positive(value: str) -> int:
     return number
 
 
+def _positive_number(value: str) -> float:
+    """argparse type: a number > 0."""
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {value!r}") from None
+    if not number > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
+    return number
+
+
 def _check_port(host: str, port: int | None) -> None:
     if port is None:
         return
@@ -167,17 +178,26 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def compile_config(args: argparse.Namespace) -> Any:
+    """The ``TRPromptConfig`` of ``trprompt compile``: ``--config``'s file (or the defaults), with
+    ``--rounds`` and the caps (``--max-lm-calls``, ``--max-cost-usd``, ``--max-wall-s``) over it."""
+    from .config_file import config_from_dict, load_config
+
+    overrides = {"rounds": args.rounds, "max_lm_calls": args.max_lm_calls, "max_cost_usd": args.max_cost_usd,
+                 "max_wall_s": args.max_wall_s}
+    if args.config:
+        return load_config(args.config, **overrides)
+    return config_from_dict({k: v for k, v in overrides.items() if v is not None})
+
+
 def _compile(args: argparse.Namespace) -> int:
     from ..infra.serving import ServerConfig
     from ..modules.program import TRPromptProgram
     from ..teleprompter import TRPromptTeleprompter
-    from .config_file import config_from_dict, load_config
 
     if args.val_size < 0:
         raise UserError(f"--val-size must be >= 0, got {args.val_size}")
-    overrides = {"rounds": args.rounds}
-    config = load_config(args.config, **overrides) if args.config else config_from_dict(
-        {k: v for k, v in overrides.items() if v is not None})
+    config = compile_config(args)
     if args.file:
         from ..data.loaders import split_examples
 
@@ -221,6 +241,11 @@ def _compile(args: argparse.Namespace) -> int:
     for row in report["rounds"]:
         val_acc = row.get("validation", {}).get("accuracy")
         print(f"round {row['round']}: validation accuracy {'n/a' if val_acc is None else f'{val_acc:.1%}'}")
+    if report.get("stopped_by"):
+        stop = report["stopped_by"]
+        print(f"stopped: {stop['message']} after {stop['rounds_completed']} of {config.rounds} round(s); saved round "
+              f"{report['selected_round']}, the best completed. To go on: the same command with --resume and a "
+              "larger cap", flush=True)
     print(f"compiled program: {out}\nreport: {log_dir / 'report.json'} (plot: report.png)")
     return 0
 
@@ -392,6 +417,11 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--resume", action="store_true", help="continue the run in --log-dir after its last completed stage")
     comp.add_argument("--out", default=None, help="where to save the compiled program (default: <log-dir>/program)")
     comp.add_argument("--max-tokens", type=_positive, default=384)
+    comp.add_argument("--max-lm-calls", type=_positive, default=None,
+                      help="stop after this many LM calls and save the best round so far (resumable)")
+    comp.add_argument("--max-cost-usd", type=_positive_number, default=None,
+                      help="stop once the API roles cost this many dollars (local models are unpriced)")
+    comp.add_argument("--max-wall-s", type=_positive_number, default=None, help="stop after this many seconds")
     comp.add_argument("--port", type=int, default=None, help="port of the local vLLM server (default: a free one)")
     comp.set_defaults(func=_compile)
 

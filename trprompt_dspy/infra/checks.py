@@ -28,6 +28,17 @@ def check_ints(owner: Any, names: Iterable[str], *, minimum: int = 1, allow_none
             raise ValueError(problem)
 
 
+def check_positive(owner: Any, names: Iterable[str], *, allow_none: bool = False) -> None:
+    """Raise ``ValueError`` for the first of ``owner``'s fields ``names`` that is not a number > 0
+    (or None where allowed)."""
+    for name in names:
+        value = getattr(owner, name)
+        if value is None and allow_none:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+            raise ValueError(f"{name} must be a number > 0{' or None' if allow_none else ''}, got {value!r}")
+
+
 def choice_problem(name: str, value: Any, choices: Sequence[str]) -> str | None:
     """Why ``value`` is not one of ``choices``, or None if it is."""
     if value in choices:

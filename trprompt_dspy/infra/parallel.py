@@ -4,7 +4,8 @@ A thin layer over DSPy's ``ParallelExecutor`` (which carries ``dspy.context`` se
 worker threads and shows a progress bar): every exception an item raises, above all DSPy's
 ``AdapterParseError`` when an LM's reply does not parse, is caught, kept and counted, and the
 item's output is ``None``. The caller decides what a failed item means (a metric scores it as
-wrong). ``KeyboardInterrupt`` is not caught.
+wrong). ``KeyboardInterrupt`` is not caught. After Ctrl-C, or once the compile's budget
+(``infra.budget``) is spent, no new item starts and the batch raises instead of returning.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Generic, Iterator, Sequence, TypeVar
 
 from dspy.utils.parallelizer import ParallelExecutor
+
+from .budget import BudgetExceeded, budget_exceeded
 
 logger = logging.getLogger(__name__)
 
@@ -110,6 +113,9 @@ def run_parallel(
     def guarded(item: Any) -> T | _Failed:
         if INTERRUPTED.is_set():  # drain the queue fast after Ctrl-C
             return _Failed(KeyboardInterrupt("interrupted (Ctrl-C)"))
+        spent = budget_exceeded()  # between items: calls in flight finish and are kept
+        if spent is not None:
+            return _Failed(spent)
         try:
             return fn(item)
         except Exception as exc:  # counted per item; the batch goes on
@@ -127,6 +133,9 @@ def run_parallel(
         check_interrupted()  # DSPy turns a cancelled batch into a plain Exception
         raise
     check_interrupted()
+    skipped = next((out.error for out in raw if isinstance(out, _Failed) and isinstance(out.error, BudgetExceeded)), None)
+    if skipped is not None:  # a batch cut short by the budget is not a result
+        raise skipped
     result: BatchResult[T] = BatchResult(outputs=[None] * len(raw))
     for i, out in enumerate(raw):
         if isinstance(out, _Failed):

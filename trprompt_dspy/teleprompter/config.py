@@ -11,7 +11,8 @@ import dataclasses
 from typing import Any
 
 from ..finetune import FinetuneConfig
-from ..infra.checks import check_choice, check_ints
+from ..infra.budget import Budget
+from ..infra.checks import check_choice, check_ints, check_positive
 from ..infra.settings import speed_only
 from ..prompts.defaults import INITIAL_REWARD
 from ..reward_search import RewardSearchConfig
@@ -72,6 +73,16 @@ class TRPromptConfig:
             one more death stops the compile with a clear error and a resumable run folder.
             API roles are retried by DSPy itself (``num_retries`` in ``lm_kwargs`` / your LMs).
             Speed only: a resumed run may allow more or fewer restarts.
+        max_lm_calls: stop the compile once this many LM calls (every role; cache hits are
+            not calls) were made; None: no cap.
+        max_cost_usd: stop once the priced (API) calls cost this many dollars (litellm's price
+            map; local models are unpriced and never count); None: no cap.
+        max_wall_s: stop once the compile has run this many seconds; None: no cap.
+            At a cap (``infra/budget.py``) no new LM call starts, calls in flight finish and are
+            kept (so ``max_lm_calls`` may be passed by up to one item per thread), the compile
+            returns the best round completed so far and the report's ``stopped_by`` names the
+            cap. Caps count from the start of one ``compile`` call; compiling again with the
+            same ``log_dir`` and a larger (or no) cap goes on where it stopped. Speed only.
     """
 
     rounds: int = 2
@@ -93,10 +104,15 @@ class TRPromptConfig:
     seed: int = 0
     progress: bool = speed_only(default=True)
     max_server_restarts: int = speed_only(default=2)
+    max_lm_calls: int | None = speed_only(default=None)
+    max_cost_usd: float | None = speed_only(default=None)
+    max_wall_s: float | None = speed_only(default=None)
 
     def __post_init__(self) -> None:
         check_ints(self, ("rounds",))
         check_ints(self, ("max_server_restarts", "search_heldout_size"), minimum=0)
+        check_ints(self, ("max_lm_calls",), allow_none=True)
+        check_positive(self, ("max_cost_usd", "max_wall_s"), allow_none=True)
         check_choice("reward", self.reward, ("textual", "numeric"))
         check_choice("rebalance", self.rebalance, ("none", "balance"))
         check_choice("select_round", self.select_round, ("best", "last"))
@@ -111,6 +127,11 @@ class TRPromptConfig:
         if self.seed and not self.search.seed:
             self.search = dataclasses.replace(self.search, seed=self.seed)
 
+    def budget(self, meter: Any) -> Budget:
+        """The compile's :class:`~trprompt_dspy.infra.budget.Budget` over ``meter``, starting now."""
+        return Budget(meter, max_lm_calls=self.max_lm_calls, max_cost_usd=self.max_cost_usd, max_wall_s=self.max_wall_s)
+
     def to_dict(self) -> dict[str, Any]:
         """Every setting (speed-only ones too) as plain data, as written to ``config.json``."""
         return dataclasses.asdict(self)
+

@@ -31,6 +31,7 @@ import dspy
 from ..errors import TRPromptError
 from ..finetune import finetune_prompter
 from ..infra.adapters import adapter_fingerprint
+from ..infra.budget import BudgetExceeded
 from ..infra.evaluation import evaluate
 from ..infra.parallel import check_interrupted
 from ..infra.runs import RunFolder, atomic_write_json
@@ -90,15 +91,24 @@ class _RoundLoop:
             self.reward = numeric_reward(1.0, self.config.rollout.reward_template)
         else:
             self.reward = self.config.initial_reward
+        self.initial_reward_text = self.reward
+        #: the caps (``infra/budget.py``); the compile puts it in the DSPy settings for the batches
+        self.budget = self.config.budget(meter)
 
     def run(self) -> None:
         start = time.perf_counter()
-        if self.valset and self.config.validate_initial:
-            self.prompter.reward = self.reward
-            validation, _, _ = self._stage(0, "validation", lambda: self._validate(self.folder.round_dir(0)))
-            self.report["initial_validation"] = validation
-        for k in range(1, self.config.rounds + 1):
-            self._round(k)
+        try:
+            if self.valset and self.config.validate_initial:
+                self.prompter.reward = self.reward
+                validation, _, _ = self._stage(0, "validation", lambda: self._validate(self.folder.round_dir(0)))
+                self.report["initial_validation"] = validation
+            for k in range(1, self.config.rounds + 1):
+                self._round(k)
+        except BudgetExceeded as stop:
+            done = len(self.report["rounds"])
+            self.report["stopped_by"] = {"cap": stop.cap, "message": str(stop), "rounds_completed": done}
+            logger.warning("compile stopped: %s after %d of %d rounds; returning the best completed round. Compile "
+                           "again with the same log_dir and a larger cap to go on.", stop, done, self.config.rounds)
         self._return_selected_round()
         self.report["wall_s"] = round(time.perf_counter() - start, 2)
         # time with no LM call in flight and no training: what the library itself costs
@@ -113,18 +123,19 @@ class _RoundLoop:
         write_report(self.folder, self.report)
 
     def _return_selected_round(self) -> None:
-        """Leave the program holding the round :func:`select_round` picks (its t* and adapter)."""
-        last = self.config.rounds
-        k = select_round(self.report["rounds"], self.report.get("initial_validation"), self.config.select_round)
+        """Leave the program holding the round :func:`select_round` picks (its t* and adapter)
+        among the completed ones (all of them, unless a cap stopped the compile)."""
+        rows = self.report["rounds"]
+        k = select_round(rows, self.report.get("initial_validation"), self.config.select_round)
         self.report["selected_round"] = k
-        if k == last:
+        if k == self.config.rounds:
             return  # the program already holds the last round
         if k == 0:
-            self.reward = self.report["rounds"][0]["reward_in"]  # the initial reward, textual or numeric
+            self.reward = self.initial_reward_text  # textual or numeric
             self.prompter.adapter = None
             self.prompter.set_lm(self.tele._server_lm())
         else:
-            row = self.report["rounds"][k - 1]
+            row = rows[k - 1]
             self.reward = row["reward_search"]["best_reward"]
             self._ensure_server(f"round_{k}/serve_adapter")
             self._serve_adapter(k, Path(row["finetune"]["adapter_dir"]))
@@ -144,6 +155,7 @@ class _RoundLoop:
         key = f"round_{k}/{name}"
         if self.folder.is_done(key):
             return self.folder.result(key), 0.0, True
+        self.budget.check()  # a stage starts only with budget left
         t0, restarting_before = time.perf_counter(), self.server_start_s
         while True:
             if uses_server:
@@ -153,7 +165,7 @@ class _RoundLoop:
                     result = fn()
             except Exception as exc:
                 check_interrupted()
-                if self._servers_up() or not uses_server:
+                if isinstance(exc, BudgetExceeded) or self._servers_up() or not uses_server:
                     raise
                 logger.warning("%s failed while the vLLM server was down (%s: %s)", key, type(exc).__name__, exc)
                 continue
@@ -351,6 +363,8 @@ def select_round(rows: Sequence[dict[str, Any]], initial_validation: dict[str, A
     highest validation accuracy, the later round on a tie, round 0 (``initial_validation``) only
     when strictly best; the last round with ``"last"`` or without validation."""
     last = len(rows)
+    if not last:
+        return 0  # a cap stopped the compile before its first round was complete
     if how == "last" or not all("validation" in row for row in rows):
         return last
     best = max(range(last), key=lambda i: (rows[i]["validation"]["accuracy"], i))

@@ -13,6 +13,7 @@ from typing import Any, Callable, Sequence
 import dspy
 from dspy.teleprompt.teleprompt import Teleprompter
 
+from ..infra.budget import BUDGET_SETTING
 from ..infra.checks import check_choice
 from ..infra.models import OUTPUT_FORMATS
 from ..infra.parallel import watch_sigint
@@ -107,6 +108,7 @@ class TRPromptTeleprompter(Teleprompter):
         self.lm_kwargs = {"max_tokens": 384, "temperature": 0.0, **(lm_kwargs or {})}
         #: the local servers of roles on another base model than the prompter's, by role
         self.role_servers: dict[str, Any] = {}
+        self.stopped_by: dict[str, Any] | None = None
         self.target_lm = self._role_lm("target", target_lm)
         self.critic_lm = self._role_lm("critic", critic_lm) or self._server_lm()
         self.optimizer_lm = self._role_lm("optimizer", optimizer_lm) or self._server_lm()
@@ -153,7 +155,9 @@ class TRPromptTeleprompter(Teleprompter):
 
         The copy's prompter holds t* and its adapter (``prompter.adapter``); its LM points at
         the adapter on the server. A compile with the ``log_dir`` of an earlier, interrupted one
-        (same settings) resumes after its last completed stage.
+        (same settings) resumes after its last completed stage. When a cap of the config
+        (``max_lm_calls``, ``max_cost_usd``, ``max_wall_s``) stops it, the copy holds the best
+        round completed so far and ``self.stopped_by`` names the cap (None otherwise).
         """
         if kwargs:
             raise TypeError(f"unexpected arguments: {', '.join(kwargs)}")
@@ -192,6 +196,8 @@ class TRPromptTeleprompter(Teleprompter):
         meter.assign_role(self.optimizer_lm, "optimizer")
         loop = _RoundLoop(self, run, meter, program, prompter, solver, critic, list(trainset), list(valset or []))
         settings: dict[str, Any] = {"callbacks": [*dspy.settings.get("callbacks", []), loop.clock]}
+        if loop.budget.capped:  # read by every batch of LM calls, in its worker threads too
+            settings[BUDGET_SETTING] = loop.budget
         if self.structured and not self.role_servers:
             # every role, API ones too, in the wire format of the local model (json or prose);
             # with roles on several local models each StructuredLM picks its own format and an
@@ -199,6 +205,8 @@ class TRPromptTeleprompter(Teleprompter):
             settings["adapter"] = adapter_for(self.output_format)
         with dspy.context(**settings), watch_sigint():
             loop.run()
+        #: the cap that stopped this compile (``{"cap", "message", "rounds_completed"}``), or None
+        self.stopped_by = loop.report.get("stopped_by")
         program._compiled = True
         program.role_models = self._role_models(solver.solve.lm)
         return program
