@@ -197,6 +197,8 @@ def _compile(args: argparse.Namespace) -> int:
 
     if args.val_size < 0:
         raise UserError(f"--val-size must be >= 0, got {args.val_size}")
+    if args.probe < 0:
+        raise UserError(f"--probe must be >= 0, got {args.probe}")
     config = compile_config(args)
     if args.file:
         from ..data.loaders import split_examples
@@ -214,7 +216,13 @@ def _compile(args: argparse.Namespace) -> int:
 
         train, val, _ = train_val_test(args.dataset, args.train_size, args.val_size, 0, data_dir=args.data_dir)
     log_dir = Path(args.log_dir or f"runs/compile-{time.strftime('%Y%m%d-%H%M%S')}")
-    if (log_dir / "stages.json").is_file() and not args.resume:
+    if args.dry_run and not args.probe:  # the counts alone need no model
+        from ..teleprompter.estimate import CompileEstimate, count_calls
+
+        stages = count_calls(config, len(train), len(val))
+        print(CompileEstimate(stages=stages, per_call={}, probe={"questions": 0}, wall_s=None).table())
+        return 0
+    if (log_dir / "stages.json").is_file() and not args.resume and not args.dry_run:
         raise UserError(f"{log_dir} holds an earlier run; pass --resume to continue it or choose another --log-dir")
     if args.resume and not (log_dir / "stages.json").is_file():
         raise UserError(f"--resume: {log_dir} holds no run to continue")
@@ -234,6 +242,9 @@ def _compile(args: argparse.Namespace) -> int:
             server=server, metric=metric, config=config, log_dir=log_dir, lm_kwargs=lm_kwargs,
             target_lm=roles["target"], critic_lm=roles["critic"], optimizer_lm=roles["optimizer"],
         )
+        if args.dry_run:
+            print(tele.estimate(TRPromptProgram(), trainset=train, valset=val or None, probe=args.probe).table())
+            return 0
         compiled = tele.compile(TRPromptProgram(), trainset=train, valset=val or None)
         out = Path(args.out or log_dir / "program")
         compiled.save(out)
@@ -422,6 +433,11 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--max-cost-usd", type=_positive_number, default=None,
                       help="stop once the API roles cost this many dollars (local models are unpriced)")
     comp.add_argument("--max-wall-s", type=_positive_number, default=None, help="stop after this many seconds")
+    comp.add_argument("--dry-run", action="store_true",
+                      help="print the compile's LM calls per stage and role, tokens, dollars and LM time, and stop")
+    comp.add_argument("--probe", type=int, default=8,
+                      help="with --dry-run: training questions run through the rollout to measure tokens and "
+                           "speed (about 3 LM calls each; 0: count calls only, no model started)")
     comp.add_argument("--port", type=int, default=None, help="port of the local vLLM server (default: a free one)")
     comp.set_defaults(func=_compile)
 

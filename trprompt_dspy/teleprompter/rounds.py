@@ -87,11 +87,7 @@ class _RoundLoop:
         self.server_start_s = 0.0
         self.restarts = 0
         self.report: dict[str, Any] = {"rounds": [], "log_dir": str(run.path)}
-        if self.config.reward == "numeric":
-            self.reward = numeric_reward(1.0, self.config.rollout.reward_template)
-        else:
-            self.reward = self.config.initial_reward
-        self.initial_reward_text = self.reward
+        self.reward = self.initial_reward_text = initial_reward(self.config)
         #: the caps (``infra/budget.py``); the compile puts it in the DSPy settings for the batches
         self.budget = self.config.budget(meter)
 
@@ -333,6 +329,14 @@ class _RoundLoop:
         )
         atomic_write_json(round_dir / "validation.json", report.to_dict())
         return {"accuracy": report.accuracy, "n": report.n, "n_correct": report.n_correct, "n_errors": report.n_errors}
+
+
+def initial_reward(config: TRPromptConfig) -> str:
+    """The reward text of round 1's rollouts: ``config.initial_reward``, or with a numeric reward
+    the full score."""
+    if config.reward == "numeric":
+        return numeric_reward(1.0, config.rollout.reward_template)
+    return config.initial_reward
 
 
 def search_split(

@@ -24,7 +24,8 @@ from ..infra.structured import adapter_for
 from ..infra.usage import UsageMeter
 from ..modules.roles import MODULE_ROLES, QueryAwarePrompter, Solver, TextualCritic
 from .config import TRPromptConfig
-from .rounds import _RoundLoop
+from .estimate import CompileEstimate, count_calls, lm_seconds, optimizer_per_call, probe_rollout
+from .rounds import _RoundLoop, initial_reward
 
 
 def _find_prompter(program: dspy.Module) -> tuple[QueryAwarePrompter, Solver]:
@@ -176,15 +177,7 @@ class TRPromptTeleprompter(Teleprompter):
             if len(trainset) < need:
                 raise ValueError(f"trainset has {len(trainset)} examples; the reward search needs at least "
                                  f"{what} = {need}")
-        program = student.deepcopy()
-        prompter, solver = _find_prompter(program)
-        if prompter.generate.lm is None:
-            prompter.set_lm(self._server_lm())
-        if solver.solve.lm is None:
-            solver.set_lm(self.target_lm or self._server_lm())
-        elif self.target_lm is not None:
-            solver.set_lm(self.target_lm)
-        critic = TextualCritic(lm=self.critic_lm) if self.config.reward == "textual" else None
+        program, prompter, solver, critic = self._prepare(student)
 
         run = RunFolder(
             log_dir or self.log_dir or f"runs/trprompt-{time.strftime('%Y%m%d-%H%M%S')}",
@@ -210,6 +203,57 @@ class TRPromptTeleprompter(Teleprompter):
         program._compiled = True
         program.role_models = self._role_models(solver.solve.lm)
         return program
+
+    def _prepare(self, student: dspy.Module) -> tuple[dspy.Module, QueryAwarePrompter, Solver, TextualCritic | None]:
+        """A deep copy of ``student`` with its prompter and solver on the compile's LMs, and the critic."""
+        program = student.deepcopy()
+        prompter, solver = _find_prompter(program)
+        if prompter.generate.lm is None:
+            prompter.set_lm(self._server_lm())
+        if solver.solve.lm is None:
+            solver.set_lm(self.target_lm or self._server_lm())
+        elif self.target_lm is not None:
+            solver.set_lm(self.target_lm)
+        critic = TextualCritic(lm=self.critic_lm) if self.config.reward == "textual" else None
+        return program, prompter, solver, critic
+
+    def estimate(
+        self,
+        student: dspy.Module,
+        *,
+        trainset: Sequence[dspy.Example],
+        valset: Sequence[dspy.Example] | None = None,
+        probe: int = 8,
+    ) -> CompileEstimate:
+        """What ``compile(student, trainset=..., valset=...)`` would take, before running it: LM
+        calls per stage and role (exact, the t* search an upper bound), and from a probe of
+        ``probe`` training questions through the rollout path (about 3 LM calls each; 0: none)
+        tokens, dollars of priced models and LM minutes. See ``teleprompter/estimate.py``.
+
+        Example::
+
+            print(tele.estimate(TRPromptProgram(), trainset=train, valset=val).table())
+        """
+        if not trainset:
+            raise ValueError("trainset is empty")
+        if probe < 0:
+            raise ValueError(f"probe must be >= 0, got {probe}")
+        stages = count_calls(self.config, len(trainset), len(valset or []))
+        per_call: dict[str, dict[str, Any]] = {}
+        summary: dict[str, Any] = {"questions": 0}
+        if probe:
+            _, prompter, solver, critic = self._prepare(student)
+            settings: dict[str, Any] = {}
+            if self.structured and not self.role_servers:
+                settings["adapter"] = adapter_for(self.output_format)
+            with dspy.context(**settings):
+                per_call, summary = probe_rollout(
+                    prompter, solver, critic, list(trainset)[:probe], self.metric, config=self.config,
+                    reward=initial_reward(self.config))
+        if any("optimizer" in s.calls for s in stages):
+            per_call["optimizer"] = optimizer_per_call(self.config, getattr(self.optimizer_lm, "model", None))
+        return CompileEstimate(stages=stages, per_call=per_call, probe=summary,
+                               wall_s=lm_seconds(stages, per_call, summary.get("completion_tokens_per_s")))
 
     def _role_models(self, target_lm: Any) -> dict[str, dict[str, Any]]:
         """Where each role ran, for the saved program's manifest: a local base model (named as

@@ -1,0 +1,66 @@
+"""The estimate before a compile (``TRPromptTeleprompter.estimate``, ``trprompt compile --dry-run``)
+checked against a real compile on the tiny model: the calls of every rollout and validation
+exactly, the t* search within its bound, tokens and LM time from a real probe."""
+
+import trprompt_dspy as t
+from helpers import tiny_config, tiny_teleprompter
+from trprompt_dspy.data import load_dataset
+from trprompt_dspy.teleprompter.estimate import count_calls
+
+
+def _actual_calls(report, stage):
+    return {role: sum(m["calls"] for m in models.values())
+            for role, models in report["usage"]["stages"].get(stage, {}).items()}
+
+
+def test_the_estimate_matches_a_real_compile(tiny_run, vllm_server, shared_data_dir, tmp_path):
+    # the settings and data of the shared tiny compile (helpers.compile_tiny_run)
+    train = load_dataset("gsm8k", "train", data_dir=shared_data_dir, limit=4)
+    val = load_dataset("gsm8k", "test", data_dir=shared_data_dir, limit=3)
+    tele = tiny_teleprompter(vllm_server, tmp_path / "unused")
+    estimate = tele.estimate(t.TRPromptProgram(), trainset=train, valset=val, probe=4)
+    report = tiny_run.report
+    assert [s.stage for s in estimate.stages] == [
+        "round_0/validation", "round_1/rollout", "round_1/reward_search", "round_1/validation",
+        "round_2/rollout", "round_2/reward_search", "round_2/validation"]
+    for stage in estimate.stages:
+        actual = _actual_calls(report, stage.stage)
+        if stage.at_most:  # the search: fewer when a proposal is invalid (not evaluated)
+            assert all(actual.get(role, 0) <= n for role, n in stage.calls.items()), (stage, actual)
+            assert set(actual) <= set(stage.calls)
+        else:
+            assert actual == stage.calls, (stage.stage, actual)
+    assert estimate.totals()["calls"] >= report["usage"]["totals"]["calls"]
+    # the probe measured every rollout role; local models are unpriced, never $0
+    probe = estimate.probe
+    assert probe["questions"] == 4 and probe["seconds"] > 0 and probe["completion_tokens_per_s"] > 0
+    for role in ("prompter", "target", "critic"):
+        assert estimate.per_call[role]["prompt_tokens"] > 0 and estimate.per_call[role]["cost_usd"] is None
+    assert estimate.per_call["optimizer"]["at_most"] and estimate.totals()["cost_usd"] is None
+    assert estimate.wall_s > 0
+    # the tokens of the rollout roles land near the compile's own (same model, same prompts)
+    actual = report["usage"]["roles"]
+    for role in ("prompter", "target", "critic"):
+        mean = (actual[role]["prompt_tokens"]) / actual[role]["calls"]
+        assert 0.5 * mean <= estimate.per_call[role]["prompt_tokens"] <= 2 * mean, (role, estimate.per_call[role], mean)
+    table = estimate.table()
+    assert "round_1/reward_search" in table and "at most" in table and "unpriced" in table
+
+
+def test_a_numeric_reward_has_no_critic_and_no_search():
+    stages = count_calls(tiny_config(reward="numeric"), n_train=4, n_val=0)
+    assert [s.stage for s in stages] == ["round_1/rollout", "round_2/rollout"]
+    assert stages[0].calls == {"prompter": 8, "target": 8} and not stages[0].at_most
+    # t* kept after round 1: one search only
+    stages = count_calls(tiny_config(update_reward=False), n_train=4, n_val=2)
+    assert [s.stage for s in stages if "search" in s.stage] == ["round_1/reward_search"]
+
+
+def test_dry_run_counts_without_a_model(capsys, shared_data_dir):
+    from trprompt_dspy.app.cli import main
+
+    assert main(["compile", "--dataset", "gsm8k", "--data-dir", str(shared_data_dir), "--train-size", "24",
+                 "--val-size", "16", "--rounds", "1", "--dry-run", "--probe", "0"]) == 0
+    out = capsys.readouterr().out
+    # 24 questions x 4 samples (RolloutConfig's default) x prompter, solver and critic
+    assert "round_1/rollout" in out and " 288" in out and "at most" in out and "not probed" in out
