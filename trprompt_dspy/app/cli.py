@@ -180,11 +180,12 @@ def _demo(args: argparse.Namespace) -> int:
 
 def compile_config(args: argparse.Namespace) -> Any:
     """The ``TRPromptConfig`` of ``trprompt compile``: ``--config``'s file (or the defaults), with
-    ``--rounds`` and the caps (``--max-lm-calls``, ``--max-cost-usd``, ``--max-wall-s``) over it."""
+    ``--rounds``, the caps (``--max-lm-calls``, ``--max-cost-usd``, ``--max-wall-s``) and the
+    tracking (``--track``, ``--track-uri``) over it."""
     from .config_file import config_from_dict, load_config
 
     overrides = {"rounds": args.rounds, "max_lm_calls": args.max_lm_calls, "max_cost_usd": args.max_cost_usd,
-                 "max_wall_s": args.max_wall_s}
+                 "max_wall_s": args.max_wall_s, "track": args.track, "track_uri": args.track_uri}
     if args.config:
         return load_config(args.config, **overrides)
     return config_from_dict({k: v for k, v in overrides.items() if v is not None})
@@ -433,6 +434,11 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--max-cost-usd", type=_positive_number, default=None,
                       help="stop once the API roles cost this many dollars (local models are unpriced)")
     comp.add_argument("--max-wall-s", type=_positive_number, default=None, help="stop after this many seconds")
+    comp.add_argument("--track", choices=("mlflow",), default=None,
+                      help="log settings, per-round metrics, t*, the report and the program to MLflow "
+                           "(pip install 'trprompt-dspy[track]')")
+    comp.add_argument("--track-uri", default=None,
+                      help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///<log-dir>/mlflow.db)")
     comp.add_argument("--dry-run", action="store_true",
                       help="print the compile's LM calls per stage and role, tokens, dollars and LM time, and stop")
     comp.add_argument("--probe", type=int, default=8,

@@ -14,6 +14,7 @@ from ..finetune import FinetuneConfig
 from ..infra.budget import Budget
 from ..infra.checks import check_choice, check_ints, check_positive
 from ..infra.settings import speed_only
+from ..infra.tracking import TRACKERS
 from ..prompts.defaults import INITIAL_REWARD
 from ..reward_search import RewardSearchConfig
 from ..rollout.rollout import RolloutConfig
@@ -83,6 +84,11 @@ class TRPromptConfig:
             returns the best round completed so far and the report's ``stopped_by`` names the
             cap. Caps count from the start of one ``compile`` call; compiling again with the
             same ``log_dir`` and a larger (or no) cap goes on where it stopped. Speed only.
+        track: ``"mlflow"`` logs the compile to MLflow (``infra/tracking.py``: settings, per-round
+            metrics, t*, the report and the compiled program; needs the ``track`` extra); None:
+            no tracking. Speed only.
+        track_uri: the MLflow tracking URI; None: ``MLFLOW_TRACKING_URI`` if set, else a SQLite
+            store in the run folder (``sqlite:///<log_dir>/mlflow.db``). Speed only.
     """
 
     rounds: int = 2
@@ -107,6 +113,8 @@ class TRPromptConfig:
     max_lm_calls: int | None = speed_only(default=None)
     max_cost_usd: float | None = speed_only(default=None)
     max_wall_s: float | None = speed_only(default=None)
+    track: str | None = speed_only(default=None)
+    track_uri: str | None = speed_only(default=None)
 
     def __post_init__(self) -> None:
         check_ints(self, ("rounds",))
@@ -117,6 +125,8 @@ class TRPromptConfig:
         check_choice("rebalance", self.rebalance, ("none", "balance"))
         check_choice("select_round", self.select_round, ("best", "last"))
         check_choice("answer_leaks", self.answer_leaks, ("drop", "keep"))
+        if self.track is not None:
+            check_choice("track", self.track, TRACKERS)
         check_choice("search_heldout", self.search_heldout, ("valset", "trainset", "none"))
         if self.search_heldout == "trainset" and not self.search_heldout_size:
             raise ValueError("search_heldout='trainset' needs search_heldout_size >= 1")

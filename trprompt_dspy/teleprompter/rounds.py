@@ -90,6 +90,8 @@ class _RoundLoop:
         self.reward = self.initial_reward_text = initial_reward(self.config)
         #: the caps (``infra/budget.py``); the compile puts it in the DSPy settings for the batches
         self.budget = self.config.budget(meter)
+        #: ``infra.tracking.MLflowTracker`` (set by the compile) or None
+        self.tracker: Any = None
 
     def run(self) -> None:
         start = time.perf_counter()
@@ -229,6 +231,8 @@ class _RoundLoop:
         tokens = sum(m["prompt_tokens"] + m["completion_tokens"] for m in counts)
         self.report["rounds"].append(row)
         write_report(self.folder, self.report)
+        if self.tracker is not None:
+            self.tracker.log_round(row)
         logger.warning(
             "round %d: val acc %s | rollout acc %.3f on %d records | t* %s | %d LM calls, %d tokens | %s",
             k, f"{row['validation']['accuracy']:.3f}" if "validation" in row else "n/a",
@@ -285,6 +289,7 @@ class _RoundLoop:
             "records": len(records),
             "steps": summary.get("steps"),
             "final_loss": (result.loss_curve or [None])[-1],
+            "loss_curve": list(result.loss_curve or []),
         }
 
     def _serve_adapter(self, k: int, adapter_dir: Path) -> None:

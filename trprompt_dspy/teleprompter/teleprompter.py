@@ -21,6 +21,7 @@ from ..infra.runs import RunFolder, atomic_write_json, versions
 from ..infra.scoring import example_id
 from ..infra.settings import result_settings
 from ..infra.structured import adapter_for
+from ..infra.tracking import make_tracker
 from ..infra.usage import UsageMeter
 from ..modules.roles import MODULE_ROLES, QueryAwarePrompter, Solver, TextualCritic
 from .config import TRPromptConfig
@@ -187,7 +188,12 @@ class TRPromptTeleprompter(Teleprompter):
         atomic_write_json(run.file("versions.json"), versions())
         meter = UsageMeter(MODULE_ROLES)
         meter.assign_role(self.optimizer_lm, "optimizer")
+        # before any LM call: a tracker asked for and not installed stops here, in one line
+        tracker = make_tracker(self.config.track, run.path, self.config.track_uri)
+        if tracker is not None:
+            tracker.log_config(self._describe())
         loop = _RoundLoop(self, run, meter, program, prompter, solver, critic, list(trainset), list(valset or []))
+        loop.tracker = tracker
         settings: dict[str, Any] = {"callbacks": [*dspy.settings.get("callbacks", []), loop.clock]}
         if loop.budget.capped:  # read by every batch of LM calls, in its worker threads too
             settings[BUDGET_SETTING] = loop.budget
@@ -196,12 +202,19 @@ class TRPromptTeleprompter(Teleprompter):
             # with roles on several local models each StructuredLM picks its own format and an
             # API role gets DSPy's default adapter
             settings["adapter"] = adapter_for(self.output_format)
-        with dspy.context(**settings), watch_sigint():
-            loop.run()
+        try:
+            with dspy.context(**settings), watch_sigint():
+                loop.run()
+        except BaseException:
+            if tracker is not None:
+                tracker.fail()
+            raise
         #: the cap that stopped this compile (``{"cap", "message", "rounds_completed"}``), or None
         self.stopped_by = loop.report.get("stopped_by")
         program._compiled = True
         program.role_models = self._role_models(solver.solve.lm)
+        if tracker is not None:
+            tracker.finish(loop.report, program)
         return program
 
     def _prepare(self, student: dspy.Module) -> tuple[dspy.Module, QueryAwarePrompter, Solver, TextualCritic | None]:
