@@ -469,12 +469,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _configure_logging(verbose: bool) -> None:
+    """Log records above the compile's progress line (one console, ``infra/progress.py``):
+    warnings of every library, and the teleprompter's INFO lines (each round's summary); with -v
+    everything at INFO."""
+    from rich.logging import RichHandler
+
+    from ..infra.progress import console
+
+    handler = RichHandler(console=console(), show_time=False, show_path=False, markup=False, rich_tracebacks=False)
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(name)s: %(message)s",
+                        handlers=[handler])
+    logging.getLogger("trprompt_dspy.teleprompter").setLevel(logging.INFO)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``trprompt`` console script."""
     # --help and argument errors exit here, before the heavy imports below
     args = build_parser().parse_args(argv)
 
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    _configure_logging(args.verbose)
     os.environ.setdefault("TEXTGRAD_DISABLE_LOGGING", "1")
     if not args.verbose:
         # textgrad sets its logger to INFO and logs every prompt it builds; the console gets

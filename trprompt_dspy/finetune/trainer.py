@@ -31,6 +31,7 @@ interrupted run leaves nothing at ``output_dir``.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -38,7 +39,7 @@ import os
 import shutil
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -125,6 +126,45 @@ def _make_callbacks(cancel_event: threading.Event | None, extra: Sequence[Any]) 
                 control.should_training_stop = True
 
     return [_Recorder(), *extra], state
+
+
+@contextlib.contextmanager
+def _library_bars(shown: bool) -> Iterator[None]:
+    """transformers' and datasets' own bars (loading weights, preparing the dataset) only when
+    this run shows progress itself (not when progress is off, or a display shows the steps)."""
+    import datasets
+    from transformers.utils import logging as hf_logging
+
+    if shown:
+        yield
+        return
+    was = hf_logging.is_progress_bar_enabled(), datasets.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if was[0]:
+            hf_logging.enable_progress_bar()
+        if was[1]:
+            datasets.enable_progress_bars()
+
+
+def _quiet_logs(trainer: Any, extra_callbacks: Sequence[Any], *, progress: bool) -> None:
+    """No raw ``{'loss': ...}`` dict per step on the console (the loss curve is in the summary):
+    transformers' PrinterCallback goes, and its ProgressCallback keeps the bar without the dicts,
+    or goes too when a callback shows the steps itself (``replaces_progress``: the compile's
+    display, ``infra/progress.py``)."""
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    class _BarOnly(ProgressCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            pass
+
+    trainer.remove_callback(PrinterCallback)
+    trainer.remove_callback(ProgressCallback)
+    if progress and not any(getattr(c, "replaces_progress", False) for c in extra_callbacks):
+        trainer.add_callback(_BarOnly())
 
 
 class _CountingCollator:
@@ -280,7 +320,8 @@ def _run(
     settings = resolve_device_settings(config, model_dir)
     staging = make_staging_dir(output_dir)
     try:
-        with torch_threads(settings.cpu_threads):
+        shown = config.progress and not any(getattr(c, "replaces_progress", False) for c in callbacks)
+        with torch_threads(settings.cpu_threads), _library_bars(shown):
             summary = _train(prepared, tokenizer, model_dir, config, settings, staging, cancel_event, callbacks)
         summary.update(
             {
@@ -377,6 +418,7 @@ def _train(
         data_collator=collator,
         callbacks=callbacks,
     )
+    _quiet_logs(trainer, extra_callbacks, progress=config.progress)
     train_started = time.monotonic()
     output = trainer.train()
     train_seconds = time.monotonic() - train_started

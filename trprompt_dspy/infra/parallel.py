@@ -18,9 +18,11 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable, Generic, Iterator, Sequence, TypeVar
 
+import dspy
 from dspy.utils.parallelizer import ParallelExecutor
 
 from .budget import BudgetExceeded, budget_exceeded
+from .progress import DISPLAY_SETTING
 
 logger = logging.getLogger(__name__)
 
@@ -110,6 +112,9 @@ def run_parallel(
     if num_threads < 1:
         raise ValueError(f"num_threads must be at least 1, got {num_threads}")
 
+    # a compile's one display (infra/progress.py) replaces DSPy's bar of each batch
+    display = dspy.settings.get(DISPLAY_SETTING)
+
     def guarded(item: Any) -> T | _Failed:
         if INTERRUPTED.is_set():  # drain the queue fast after Ctrl-C
             return _Failed(KeyboardInterrupt("interrupted (Ctrl-C)"))
@@ -117,14 +122,19 @@ def run_parallel(
         if spent is not None:
             return _Failed(spent)
         try:
-            return fn(item)
+            out = fn(item)
         except Exception as exc:  # counted per item; the batch goes on
-            return _Failed(exc)
+            out = _Failed(exc)
+        if display is not None:
+            display.item_done(None if isinstance(out, _Failed) else out)
+        return out
 
+    if display is not None and items:
+        display.batch_started(len(items))
     executor = ParallelExecutor(
         num_threads=num_threads,
         max_errors=len(items) + 1,
-        disable_progress_bar=not progress,
+        disable_progress_bar=not progress or display is not None,
         timeout=straggler_timeout,
     )
     try:

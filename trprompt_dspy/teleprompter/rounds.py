@@ -19,6 +19,7 @@ local vLLM server dies, it is restarted (up to ``max_server_restarts``) and the 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import random
@@ -90,8 +91,9 @@ class _RoundLoop:
         self.reward = self.initial_reward_text = initial_reward(self.config)
         #: the caps (``infra/budget.py``); the compile puts it in the DSPy settings for the batches
         self.budget = self.config.budget(meter)
-        #: ``infra.tracking.MLflowTracker`` (set by the compile) or None
+        #: ``infra.tracking.MLflowTracker`` and ``infra.progress.CompileDisplay`` (set by the compile) or None
         self.tracker: Any = None
+        self.display: Any = None
 
     def run(self) -> None:
         start = time.perf_counter()
@@ -138,7 +140,14 @@ class _RoundLoop:
             self._ensure_server(f"round_{k}/serve_adapter")
             self._serve_adapter(k, Path(row["finetune"]["adapter_dir"]))
         self.prompter.reward = self.reward
-        logger.warning("returning round %d, the best on validation (select_round=%r)", k, self.config.select_round)
+        self._say(f"returning round {k}, the best on validation (select_round={self.config.select_round!r})")
+
+    def _say(self, line: str) -> None:
+        """A line the user reads (a round's summary): logged at INFO, and printed above the progress
+        display when no handler shows this logger's INFO records (the command line's does)."""
+        logger.info(line)
+        if self.display is not None and not logger.isEnabledFor(logging.INFO):
+            self.display.print(line)
 
     # ------------------------------------------------------------------ one round
 
@@ -159,7 +168,7 @@ class _RoundLoop:
             if uses_server:
                 self._ensure_server(key)
             try:
-                with self.meter.stage(key):
+                with self.meter.stage(key), self.display.stage(key) if self.display else contextlib.nullcontext():
                     result = fn()
             except Exception as exc:
                 check_interrupted()
@@ -233,13 +242,13 @@ class _RoundLoop:
         write_report(self.folder, self.report)
         if self.tracker is not None:
             self.tracker.log_round(row)
-        logger.warning(
-            "round %d: val acc %s | rollout acc %.3f on %d records | t* %s | %d LM calls, %d tokens | %s",
+        summary = "round %d: val acc %s | rollout acc %.3f on %d records | t* %s | %d LM calls, %d tokens | %s" % (
             k, f"{row['validation']['accuracy']:.3f}" if "validation" in row else "n/a",
             rollout["accuracy"], rollout["records"], "updated" if not search.get("skipped") else "kept",
             calls, tokens,
             " ".join(f"{s} {row[s]['seconds']}s" for s in STAGES if s in row and "seconds" in row[s]),
         )
+        self._say(summary)
 
     def _rollout(self, k: int, round_dir: Path) -> dict[str, Any]:
         result = run_rollout(
@@ -280,6 +289,7 @@ class _RoundLoop:
         result = finetune_prompter(
             records, round_dir / "adapter", model=self.tele.server.model_path, config=ft_config,
             prompter=self.prompter, adapter=dspy.settings.adapter,
+            callbacks=[self.display.trainer_callback()] if self.display is not None else (),
             # the trained JSON must be what the server's grammar lets the model write
             compact_json=self.tele.server.config.compact_json,
         )

@@ -6,6 +6,7 @@ This file checks the arguments, makes the LMs and the run folder, and hands the 
 
 from __future__ import annotations
 
+import contextlib
 import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -14,6 +15,7 @@ import dspy
 from dspy.teleprompt.teleprompt import Teleprompter
 
 from ..infra.budget import BUDGET_SETTING
+from ..infra.progress import DISPLAY_SETTING, CompileDisplay
 from ..infra.checks import check_choice
 from ..infra.models import OUTPUT_FORMATS
 from ..infra.parallel import watch_sigint
@@ -197,13 +199,15 @@ class TRPromptTeleprompter(Teleprompter):
         settings: dict[str, Any] = {"callbacks": [*dspy.settings.get("callbacks", []), loop.clock]}
         if loop.budget.capped:  # read by every batch of LM calls, in its worker threads too
             settings[BUDGET_SETTING] = loop.budget
+        if self.config.progress:  # one display instead of a bar per batch and trl's logs
+            loop.display = settings[DISPLAY_SETTING] = CompileDisplay(self.config.rounds, meter)
         if self.structured and not self.role_servers:
             # every role, API ones too, in the wire format of the local model (json or prose);
             # with roles on several local models each StructuredLM picks its own format and an
             # API role gets DSPy's default adapter
             settings["adapter"] = adapter_for(self.output_format)
         try:
-            with dspy.context(**settings), watch_sigint():
+            with dspy.context(**settings), watch_sigint(), loop.display or contextlib.nullcontext():
                 loop.run()
         except BaseException:
             if tracker is not None:
