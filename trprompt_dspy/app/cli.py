@@ -477,9 +477,12 @@ def _configure_logging(verbose: bool) -> None:
 
     from ..infra.progress import console
 
-    handler = RichHandler(console=console(), show_time=False, show_path=False, markup=False, rich_tracebacks=False)
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(name)s: %(message)s",
-                        handlers=[handler])
+    if console().is_terminal:
+        handler: logging.Handler = RichHandler(console=console(), show_time=False, show_path=False, markup=False)
+        fmt = "%(name)s: %(message)s"
+    else:  # a log file: plain lines, never wrapped
+        handler, fmt = logging.StreamHandler(), "%(levelname)s %(name)s: %(message)s"
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format=fmt, handlers=[handler])
     logging.getLogger("trprompt_dspy.teleprompter").setLevel(logging.INFO)
 
 
@@ -488,6 +491,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     # --help and argument errors exit here, before the heavy imports below
     args = build_parser().parse_args(argv)
 
+    summaries = logging.getLogger("trprompt_dspy.teleprompter")
+    level_before = summaries.level  # restored at the end: main() may run inside a longer process
     _configure_logging(args.verbose)
     os.environ.setdefault("TEXTGRAD_DISABLE_LOGGING", "1")
     if not args.verbose:
@@ -505,6 +510,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("trprompt: interrupted (a compile resumes with --resume and the same --log-dir)", file=sys.stderr)
         return 130
+    finally:
+        summaries.setLevel(level_before)
 
 
 if __name__ == "__main__":

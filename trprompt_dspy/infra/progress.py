@@ -138,7 +138,7 @@ class CompileDisplay:
 
     def print(self, line: str) -> None:
         """A line above the live one (a round's summary)."""
-        self._progress.console.print(line, markup=False, highlight=False)
+        self._progress.console.print(line, markup=False, highlight=False, soft_wrap=True)  # a log file keeps it whole
 
     def _status(self) -> str:
         parts = [f"loss {self._loss:.3f}"] if self._loss is not None else []
