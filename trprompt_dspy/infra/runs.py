@@ -117,7 +117,8 @@ def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, Any]]:
             if number == len(lines):
                 logger.warning("%s: dropping a torn last line", path)
                 continue
-            raise RunFolderError(f"{path}:{number}: not valid JSON") from None
+            raise RunFolderError(f"{path}:{number}: not valid JSON, and not the last line (damaged, not cut off by "
+                                 "a kill); fix or delete that line and run again: the other lines are kept") from None
         yield number, row
 
 
@@ -148,13 +149,25 @@ class RunFolder:
         except OSError as exc:
             raise RunFolderError(f"run folder {self.path} is not writable: {exc}") from exc
         self._lock = threading.Lock()
-        self._stages: dict[str, Any] = read_json(self.path / self.STAGES_FILE, default={}) or {}
+        self._stages: dict[str, Any] = self._read(self.STAGES_FILE, "to run every stage again (the rollout "
+                                                  "records are kept and not regenerated)") or {}
+        if not isinstance(self._stages, dict):
+            raise RunFolderError(f"{self.path / self.STAGES_FILE} is not a table of stages; delete it to run every "
+                                 "stage again (the rollout records are kept and not regenerated)")
         if fingerprint is not None:
             self._check_fingerprint(fingerprint)
 
+    def _read(self, name: str, what_deleting_does: str) -> Any:
+        """A JSON file of the folder (None if absent); damaged: one error saying what to delete."""
+        try:
+            return read_json(self.path / name)
+        except (ValueError, UnicodeDecodeError):
+            raise RunFolderError(f"{self.path / name} is not valid JSON (damaged by hand or by a disk error); "
+                                 f"delete it {what_deleting_does}") from None
+
     def _check_fingerprint(self, fingerprint: dict) -> None:
         path = self.path / "fingerprint.json"
-        existing = read_json(path)
+        existing = self._read("fingerprint.json", "if the run's settings are the ones given now (it is written again)")
         canonical = json.loads(json.dumps(fingerprint, default=str))
         if existing is None:
             atomic_write_json(path, canonical)
@@ -187,6 +200,13 @@ class RunFolder:
                     "log_dir: the run resumes from its last recorded stage"
                 ) from exc
             self._stages = stages
+
+    def forget(self, stages: Iterable[str]) -> None:
+        """Mark ``stages`` as not done (they run again on this compile; their files stay)."""
+        with self._lock:
+            kept = {k: v for k, v in self._stages.items() if k not in set(stages)}
+            atomic_write_json(self.path / self.STAGES_FILE, kept)
+            self._stages = kept
 
     @property
     def completed(self) -> list[str]:

@@ -43,6 +43,7 @@ from ..reward_search import RewardSearchConfig, search_reward
 from ..rollout.records import RolloutRecord, read_records
 from ..rollout.rollout import numeric_reward, records_path_for, run_rollout
 from .config import STAGES, TRPromptConfig
+from .integrity import repair_run_folder
 from .report import write_report
 
 logger = logging.getLogger(__name__)
@@ -97,6 +98,10 @@ class _RoundLoop:
 
     def run(self) -> None:
         start = time.perf_counter()
+        # a resumed folder's done stages are checked against their files first (integrity.py)
+        repairs = repair_run_folder(self.folder)
+        if repairs:
+            self.report["repairs"] = repairs
         try:
             if self.valset and self.config.validate_initial:
                 self.prompter.reward = self.reward
@@ -138,7 +143,7 @@ class _RoundLoop:
             row = rows[k - 1]
             self.reward = row["reward_search"]["best_reward"]
             self._ensure_server(f"round_{k}/serve_adapter")
-            self._serve_adapter(k, Path(row["finetune"]["adapter_dir"]))
+            self._serve_adapter(k, self.folder.round_dir(k) / "adapter")
         self.prompter.reward = self.reward
         self._say(f"returning round {k}, the best on validation (select_round={self.config.select_round!r})")
 
@@ -220,7 +225,8 @@ class _RoundLoop:
         self.training_s += seconds  # 0 for a stage resumed from an earlier process
         row["finetune"] = finetune
         self._ensure_server(f"round_{k}/serve_adapter")
-        self._serve_adapter(k, Path(finetune["adapter_dir"]))
+        # where the run folder is now (it may have been moved since the adapter was trained)
+        self._serve_adapter(k, round_dir / "adapter")
 
         if self.config.reward == "numeric" or (not self.config.update_reward and k > 1):
             search = {"best_reward": self.reward, "skipped": True}
