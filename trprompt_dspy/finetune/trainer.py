@@ -55,6 +55,7 @@ from .chat_data import (
     resolve_adapter,
 )
 from .config import FinetuneCancelled, FinetuneConfig, FinetuneInputError
+from .memory import fit_memory, lora_param_count
 from .device import (
     DeviceSettings,
     micro_batch_size,
@@ -373,6 +374,17 @@ def _train(
     from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
     set_seed(config.seed)
+    micro, memory = micro_batch_size(config, settings.device), None
+    if settings.device == "cpu":  # before the model is loaded: a batch that cannot fit is chosen smaller
+        micro, checkpointing, memory = fit_memory(
+            config, model_dir, micro_batch=micro, seq_len=max(ex.length for ex in prepared.examples),
+            weight_bytes=2 if settings.load_bf16 else 4, compute_bytes=2 if settings.bf16 else 4,
+            gradient_checkpointing=settings.gradient_checkpointing,
+            lora_params=lora_param_count(model_dir, config.lora_r))
+        if memory["changed"]:
+            logger.warning("SFT: %s to fit in %.1f GiB of free memory (estimated %.1f GiB)",
+                           memory["changed"], memory["available_gib"], memory["estimate_gib"])
+        settings = dataclasses.replace(settings, gradient_checkpointing=checkpointing)
     model = _wrap_lora(_load_model(model_dir, settings), config)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -382,7 +394,6 @@ def _train(
             for ex in prepared.examples
         ]
     )
-    micro = micro_batch_size(config, settings.device)
     args = SFTConfig(
         output_dir=str(staging / "trainer"),
         per_device_train_batch_size=micro,
@@ -453,6 +464,10 @@ def _train(
         "tokens_per_second": round(collator.tokens / train_seconds, 1) if train_seconds > 0 else None,
         "trainable_parameters": trainable,
         "total_parameters": total,
+        "micro_batch_size": micro,
+        "gradient_checkpointing": settings.gradient_checkpointing,
+        # the memory check before training (memory.py): estimate, available, what it changed
+        "memory": memory,
     }
 
 
