@@ -83,6 +83,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--minibatch", type=int, default=8)
     p.add_argument("--max-tokens", type=int, default=512)
     p.add_argument("--num-threads", type=int, default=16)
+    p.add_argument("--max-wall-s", type=float, default=None,
+                   help="a TRPrompt/QPO compile stops at this many seconds (of one sitting) and returns its best "
+                        "completed round (TRPromptConfig.max_wall_s); recorded as stopped_by in the cell")
     p.add_argument("--cpu-threads", type=int, default=None,
                    help="the engine's OpenMP threads (default: one less than the cores; on a 2-core machine "
                         "given to this run alone, 2 served 1.48x the tokens of 1: serving_speed_qwen0.5b.md)")
@@ -118,7 +121,7 @@ def compile_config(args: argparse.Namespace, seed: int):
         finetune=t.FinetuneConfig(num_epochs=1.0, per_device_batch_size=8),
         search=t.RewardSearchConfig(steps=args.search_steps, num_candidates=args.num_candidates,
                                     minibatch_size=min(args.minibatch, args.train), num_threads=args.num_threads),
-        val_num_threads=args.num_threads,
+        val_num_threads=args.num_threads, max_wall_s=args.max_wall_s,
     )
 
 
@@ -243,6 +246,15 @@ def write_markdown(results: dict[str, Any], path: Path) -> None:
                 f"{r['n_correct']} / {r['n']} | {r['ci95'][0]:.1%} - {r['ci95'][1]:.1%} | {r['unparsed']} | "
                 f"{r['answer_in_prompt_rate']:.1%} | {c.get('selected_round', '-')} | {c['lm_calls']} | {c['tokens']} | "
                 f"{c['wall_s']} |")
+    for key, c in results["cells"].items():
+        if c.get("validation"):
+            stop = c.get("stopped_by")
+            lines.append(f"\n{key}: validation accuracy per round (0 = untrained) "
+                         f"{', '.join('-' if v is None else f'{v:.1%}' for v in c['validation'])}; returned round "
+                         f"{c.get('selected_round')}" + (f"; stopped: {stop['message']} after {stop['rounds_completed']} "
+                                                        f"round(s)" if stop else "")
+                         + (f"; LM usage not recorded for {', '.join(c['stages_without_usage'])}"
+                            if c.get("stages_without_usage") else "") + ".")
     used = {k: c["reward_use"] for k, c in results["cells"].items() if c.get("reward_use")}
     if used:
         lines += ["", "Does the compiled prompter use its reward? Validation accuracy with the prompter conditioned "
@@ -381,15 +393,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                             else t.TRPromptTeleprompter(config=config, **common))
                     program = tele.compile(t.TRPromptProgram(solver=solver), trainset=train, valset=val)
                     report = json.loads((cell_dir / "run" / "report.json").read_text())
-                    compile_usage = report["usage"]["totals"]
+                    # every process's stages (a compile resumed in a later sitting too)
+                    compile_usage = report.get("usage_all_processes") or report["usage"]["totals"]
                     cell.update(selected_round=report.get("selected_round"),
                                 validation=[report.get("initial_validation", {}).get("accuracy")]
                                 + [r.get("validation", {}).get("accuracy") for r in report["rounds"]],
                                 rollout_answer_in_prompt=[r["rollout"].get("answer_in_prompt_rate")
                                                           for r in report["rounds"]],
-                                final_reward=report["final_reward"], compile_s=report["wall_s"])
-                    if method != "trprompt-numeric" and method != "qpo" and args.reward_use:
-                        cell["reward_use"] = reward_use(program, cell_dir / "run", val, train_metric, args.rounds,
+                                final_reward=report["final_reward"], compile_s=report["wall_s"],
+                                stopped_by=report.get("stopped_by"),
+                                stages_without_usage=compile_usage.get("stages_without_usage", []))
+                    done = len(report["rounds"])  # fewer than --rounds when a cap stopped the compile
+                    if method != "trprompt-numeric" and method != "qpo" and args.reward_use and done:
+                        cell["reward_use"] = reward_use(program, cell_dir / "run", val, train_metric, done,
                                                         args.num_threads)
             cell["train_s"] = round(time.perf_counter() - start, 1)
             cell["test"] = {}

@@ -98,3 +98,7 @@ def test_a_resume_over_a_damaged_adapter_trains_it_again_and_finishes(run_copy, 
     assert adapter_problem(run_copy / "round_2" / "adapter") is None
     assert [r["round"] for r in report["rounds"]] == [1, 2]
     assert compiled.prompter.adapter["name"].startswith("prompter-r2-")
+    # the LM usage of the stages the earlier process ran is still counted, with this one's
+    everything, here = report["usage_all_processes"], report["usage"]["totals"]
+    assert everything["stages_without_usage"] == [] and everything["calls"] > here["calls"] > 0
+    assert report["rounds"][0]["usage"]["rollout"]  # round 1 ran in the earlier process

@@ -123,9 +123,26 @@ class _RoundLoop:
         self.report["orchestration_s"] = round(
             self.report["wall_s"] - self.clock.busy_seconds - self.training_s - self.server_start_s, 2
         )
-        self.report["usage"] = self.meter.to_dict()
+        self.report["usage"] = self.meter.to_dict()  # this process
+        self.report["usage_all_processes"] = self._usage_of_done_stages()
         self.report["final_reward"] = self.reward
         write_report(self.folder, self.report)
+
+    def _usage_of_done_stages(self) -> dict[str, Any]:
+        """LM calls and tokens of every done stage, whichever process ran it (stages done before
+        stage results carried their usage count as 0; ``stages_without_usage`` lists them)."""
+        totals = {"calls": 0, "prompt_tokens": 0, "completion_tokens": 0}
+        missing = []
+        for stage in self.folder.completed:
+            usage = (self.folder.result(stage) or {}).get("usage")
+            if usage is None:
+                missing.append(stage)
+                continue
+            for models in usage.values():
+                for m in models.values():
+                    for key in totals:
+                        totals[key] += int(m.get(key, 0))
+        return {**totals, "stages_without_usage": missing}
 
     def _return_selected_round(self) -> None:
         """Leave the program holding the round :func:`select_round` picks (its t* and adapter)
@@ -187,7 +204,8 @@ class _RoundLoop:
             logger.warning("the vLLM server died during %s; its result is discarded and the stage runs again", key)
         # the time spent restarting the server is counted as server start, not as the stage
         seconds = round(time.perf_counter() - t0 - (self.server_start_s - restarting_before), 2)
-        result = {**(result or {}), "seconds": seconds}
+        # the stage's LM usage travels with its result: a resumed compile still reports it
+        result = {**(result or {}), "seconds": seconds, "usage": self.meter.by_stage(key)}
         self.folder.mark_done(key, result)
         return result, seconds, False
 
@@ -240,7 +258,9 @@ class _RoundLoop:
         if self.valset:
             validation, _, _ = self._stage(k, "validation", lambda: self._validate(round_dir))
             row["validation"] = validation
-        row["usage"] = {stage: self.meter.by_stage(f"round_{k}/{stage}") for stage in STAGES}
+        # a stage done by an earlier process brings its usage in its result (older folders: none)
+        row["usage"] = {stage: (row[stage].get("usage") if isinstance(row.get(stage), dict) and "usage" in row[stage]
+                                else self.meter.by_stage(f"round_{k}/{stage}")) for stage in STAGES}
         counts = [m for roles in row["usage"].values() for models in roles.values() for m in models.values()]
         calls = sum(m["calls"] for m in counts)
         tokens = sum(m["prompt_tokens"] + m["completion_tokens"] for m in counts)
