@@ -341,7 +341,8 @@ def test_the_fingerprint_leaves_out_exactly_the_speed_only_settings():
                 for section in ("rollout", "finetune", "search")}
     left_out["top"] = set(config.to_dict()) - set(kept)
     assert left_out == {
-        "top": {"progress", "max_server_restarts", "val_num_threads", "max_lm_calls", "max_cost_usd", "max_wall_s"},
+        "top": {"progress", "max_server_restarts", "val_num_threads", "max_lm_calls", "max_cost_usd", "max_wall_s",
+                "track", "track_uri"},
         "rollout": {"num_threads"},
         "finetune": {"cpu_threads", "device", "gradient_checkpointing", "overwrite", "micro_batch_size", "progress"},
         "search": {"num_threads", "progress", "straggler_timeout_s"},
