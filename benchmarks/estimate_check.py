@@ -32,6 +32,7 @@ sys.path.insert(0, str(REPO))
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--run-dir", required=True, help="a finished compile's run folder")
+    p.add_argument("--report", default=None, help="the report to compare with (default: <run-dir>/report.json)")
     p.add_argument("--model", required=True, help="the prompter's base model of that compile")
     p.add_argument("--dataset", default="gsm8k", help="training questions for the probe")
     p.add_argument("--data-dir", default=os.environ.get("TRPROMPT_DATA_DIR"))
@@ -49,7 +50,8 @@ def main(argv: list[str] | None = None) -> dict:
     run = Path(args.run_dir)
     described = json.loads((run / "config.json").read_text())
     fingerprint = json.loads((run / "fingerprint.json").read_text())
-    report = json.loads((run / "report.json").read_text())
+    report = json.loads(Path(args.report or run / "report.json").read_text())
+    stage_results = json.loads((run / "stages.json").read_text())
     config = config_from_dict(described["config"], where=str(run / "config.json"))
     n_train, n_val = len(fingerprint["trainset"]), len(fingerprint["valset"])
     # the probe reads only the first --probe questions; the counts only the sizes
@@ -60,21 +62,46 @@ def main(argv: list[str] | None = None) -> dict:
                                       lm_kwargs=described.get("lm_kwargs"))
         estimate = tele.estimate(t.TRPromptProgram(), trainset=train, valset=val or None, probe=args.probe)
 
-    stages = []
-    for s in estimate.stages:
-        actual = {role: sum(m["calls"] for m in models.values())
-                  for role, models in report["usage"]["stages"].get(s.stage, {}).items()}
-        stages.append({"stage": s.stage, "estimated": s.calls, "at_most": s.at_most, "actual": actual})
+    # the actual calls and seconds of each stage that ran: from the report's rounds (their usage
+    # is per stage), and the stage results (seconds; usage where the stage result carries it)
+    rows = {f"round_{r['round']}/{stage}": (r.get("usage") or {}).get(stage) for r in report["rounds"] for stage in r.get("usage", {})}
+    stages, est_s, act_s = [], 0.0, 0.0
+    per_call = estimate.per_call
+    tokens_per_s = estimate.probe.get("completion_tokens_per_s")
+    for st in estimate.stages:
+        done = stage_results.get(st.stage)
+        if done is None:
+            continue  # not run (a compile stopped by a cap)
+        usage = done.get("usage") or rows.get(st.stage)
+        actual = None if usage is None else {role: sum(m["calls"] for m in models.values()) for role, models in usage.items()}
+        seconds = None
+        if tokens_per_s:
+            seconds = round(sum(n * per_call[r]["completion_tokens"] for r, n in st.calls.items() if r in per_call)
+                            / tokens_per_s, 1)
+            est_s += seconds
+            act_s += done.get("seconds", 0.0)
+        stages.append({"stage": st.stage, "estimated": st.calls, "at_most": st.at_most, "actual": actual,
+                       "estimated_s": seconds, "actual_s": done.get("seconds")})
+    ran = {s["stage"] for s in stages}
     roles = {}
-    actual_roles = report["usage"]["roles"]
-    for role, est in estimate.role_totals().items():
-        got = actual_roles.get(role, {})
-        roles[role] = {"estimated": est, "actual": {k: got.get(k) for k in ("calls", "prompt_tokens", "completion_tokens")}}
+    for role in ("prompter", "target", "critic", "optimizer"):
+        tokens = per_call.get(role)
+        calls = [(s["actual"] or {}).get(role, 0) for s in stages if s["actual"] is not None]
+        actual_tokens = {"prompt_tokens": 0, "completion_tokens": 0}
+        for name in ran:
+            usage = stage_results[name].get("usage") or rows.get(name) or {}
+            for m in usage.get(role, {}).values():
+                for k in actual_tokens:
+                    actual_tokens[k] += m[k]
+        n = sum(calls)
+        if tokens and n:
+            roles[role] = {"estimated_per_call": {k: round(tokens[k], 1) for k in ("prompt_tokens", "completion_tokens")},
+                           "actual_per_call": {k: round(v / n, 1) for k, v in actual_tokens.items()}, "calls": n}
     result = {
         "name": args.name, "run_dir": str(run), "model": args.model, "probe": estimate.probe,
         "stages": stages, "roles": roles,
-        "lm_seconds": {"estimated": estimate.wall_s, "actual_lm_busy_s": report.get("lm_busy_s"),
-                       "actual_wall_s": report.get("wall_s"), "actual_training_s": report.get("training_s")},
+        "lm_seconds": {"estimated_stages_run": round(est_s, 1), "actual_stages_run": round(act_s, 1),
+                       "note": "the LM stages that ran (SFT excluded); actual: each stage's wall seconds"},
         "machine": {"cpus": os.cpu_count(), "load_before": os.getloadavg()},
     }
     out = Path(args.out_dir)
@@ -91,23 +118,25 @@ def _ratio(a, b) -> str:
 def markdown(r: dict) -> str:
     lines = [f"# Dry-run estimate against the compile it estimates: {r['name']}", "",
              f"Run folder `{r['run_dir']}`, model `{r['model']}`; probe: {r['probe']['questions']} training questions, "
-             f"{r['probe'].get('concurrency')} at once, {r['probe'].get('seconds')} s. "
-             "Command: `python benchmarks/estimate_check.py` (see its docstring).", "",
-             "| stage | estimated calls | actual calls | |", "|---|---|---|---|"]
+             f"{r['probe'].get('concurrency')} at once, {r['probe'].get('seconds')} s, "
+             f"{r['probe'].get('completion_tokens_per_s')} completion tokens/s. Command: "
+             "`python benchmarks/estimate_check.py` (see its docstring). Only the stages the compile ran.", "",
+             "| stage | estimated calls | actual calls | | estimated LM s | actual s |", "|---|---:|---:|---|---:|---:|"]
     for s in r["stages"]:
-        est, act = sum(s["estimated"].values()), sum(s["actual"].values())
-        lines.append(f"| {s['stage']} | {est} | {act} | {'at most' if s['at_most'] else ('exact' if est == act else 'differs')} |")
-    lines += ["", "| role | calls est / actual | prompt tokens est / actual (ratio) | completion tokens est / actual (ratio) |",
-              "|---|---|---|---|"]
+        est = sum(s["estimated"].values())
+        act = None if s["actual"] is None else sum(s["actual"].values())
+        kind = "at most" if s["at_most"] else ("exact" if est == act else ("not recorded" if act is None else "differs"))
+        lines.append(f"| {s['stage']} | {est} | {'-' if act is None else act} | {kind} | {s['estimated_s']} | {s['actual_s']} |")
+    lines += ["", "| role | calls | prompt tokens per call, est / actual (ratio) | completion tokens per call, est / actual (ratio) |",
+              "|---|---:|---|---|"]
     for role, v in r["roles"].items():
-        e, a = v["estimated"], v["actual"]
-        lines.append(f"| {role} | {e['calls']} / {a['calls']} | {e['prompt_tokens']} / {a['prompt_tokens']} "
+        e, a = v["estimated_per_call"], v["actual_per_call"]
+        lines.append(f"| {role} | {v['calls']} | {e['prompt_tokens']} / {a['prompt_tokens']} "
                      f"({_ratio(e['prompt_tokens'], a['prompt_tokens'])}) | {e['completion_tokens']} / "
                      f"{a['completion_tokens']} ({_ratio(e['completion_tokens'], a['completion_tokens'])}) |")
     s = r["lm_seconds"]
-    lines += ["", f"LM time: estimated {s['estimated']} s, actual {s['actual_lm_busy_s']} s with an LM call in flight "
-              f"(ratio {_ratio(s['estimated'], s['actual_lm_busy_s'])}); the compile's wall time {s['actual_wall_s']} s, "
-              f"of which SFT {s['actual_training_s']} s (not estimated).", ""]
+    lines += ["", f"LM time of the stages run: estimated {s['estimated_stages_run']} s, actual {s['actual_stages_run']} s "
+              f"(ratio {_ratio(s['estimated_stages_run'], s['actual_stages_run'])}).", ""]
     return "\n".join(lines)
 
 
