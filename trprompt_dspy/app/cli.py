@@ -475,15 +475,22 @@ def _configure_logging(verbose: bool) -> None:
     everything at INFO."""
     from rich.logging import RichHandler
 
-    from ..infra.progress import console
+    from ..infra.progress import OncePerMessage, console
 
     if console().is_terminal:
         handler: logging.Handler = RichHandler(console=console(), show_time=False, show_path=False, markup=False)
         fmt = "%(name)s: %(message)s"
     else:  # a log file: plain lines, never wrapped
         handler, fmt = logging.StreamHandler(), "%(levelname)s %(name)s: %(message)s"
+    if not verbose:  # a warning DSPy repeats on every call appears once; other libraries' INFO is dropped
+        handler.addFilter(OncePerMessage())
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format=fmt, handlers=[handler])
     logging.getLogger("trprompt_dspy.teleprompter").setLevel(logging.INFO)
+    # DSPy logs through a handler of its own, which would write through the progress line
+    dspy_logger = logging.getLogger("dspy")
+    for own in list(dspy_logger.handlers):
+        dspy_logger.removeHandler(own)
+    dspy_logger.propagate = True
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -19,6 +19,7 @@ from ..data.loaders import train_val_test
 from ..finetune import FinetuneConfig
 from ..infra.checks import check_ints
 from ..infra.runs import atomic_write_json
+from ..infra.progress import DISPLAY_SETTING, CompileDisplay
 from ..infra.structured import adapter_for
 from ..metrics import metric_for
 from ..reward_search import RewardSearchConfig
@@ -133,9 +134,10 @@ def run_demo(settings: DemoSettings, console: Any = None) -> dict[str, Any]:
         threads = 8 if settings.tiny else settings.num_threads
 
         def measure(name: str, program: dspy.Module) -> None:
-            console.print(f"evaluating [bold]{name}[/bold] on {len(test)} test questions...")
             t0 = time.perf_counter()
-            with dspy.context(lm=lm, adapter=adapter_for(lm)):
+            # the same one-line display as the compile's, instead of DSPy's bar
+            with CompileDisplay(settings.rounds) as display, display.stage(f"test · {name}"), \
+                    dspy.context(lm=lm, adapter=adapter_for(lm), **{DISPLAY_SETTING: display}):
                 report = evaluate(program, test, metric, num_threads=threads)
             results["methods"][name] = {**report.to_dict(), "wall_s": round(time.perf_counter() - t0, 1)}
             atomic_write_json(run_dir / "results.json", results)

@@ -8,9 +8,11 @@ and prints each round's summary above it. Batches find it in the DSPy settings u
 of showing DSPy's bar, also from worker threads); SFT reports its steps through
 :meth:`CompileDisplay.trainer_callback` (trl's bar and dict logs are then left out).
 
-On a terminal the line is live; written to a file (``nohup ... > log``) it prints one line per
-finished stage. Log records go through :func:`console` (``RichHandler``) so that they appear
-above the live line instead of through it.
+On a terminal the line of the running stage is live; each finished stage is printed once above
+it (written to a file, ``nohup ... > log``, only those lines appear). Log records go through
+:func:`console` (``RichHandler``) so that they appear above the live line instead of through it;
+:class:`OncePerMessage` keeps a warning repeated on every call (DSPy's "LM response was
+truncated") to its first occurrence.
 """
 
 from __future__ import annotations
@@ -51,6 +53,28 @@ def _score(output: Any) -> float | None:
     return float(value) if isinstance(value, (bool, int, float)) else None
 
 
+class OncePerMessage:
+    """A ``logging`` filter that lets a warning through once per logger and message start, and
+    drops other libraries' INFO records (textgrad logs every prompt it builds at INFO)."""
+
+    def __init__(self, own_prefix: str = "trprompt_dspy") -> None:
+        self.own_prefix = own_prefix
+        self._seen: set[tuple[str, str]] = set()
+        self._lock = threading.Lock()
+
+    def filter(self, record: Any) -> bool:
+        if record.levelno >= 40:  # errors always
+            return True
+        if record.levelno < 30 and not record.name.startswith(self.own_prefix):
+            return False
+        key = (record.name, str(record.getMessage())[:60])
+        with self._lock:
+            if key in self._seen:
+                return False
+            self._seen.add(key)
+        return True
+
+
 class CompileDisplay:
     """The live progress line of one compile (see the module doc).
 
@@ -88,8 +112,11 @@ class CompileDisplay:
     def stage(self, key: str) -> Iterator[None]:
         """Show ``key`` (``round_k/<stage>``) while its work runs; totals grow as batches start."""
         round_part, _, name = key.partition("/")
-        k = round_part.removeprefix("round_")
-        label = f"{'before round 1' if k == '0' else f'round {k}/{self.rounds}'} · {name}"
+        if round_part.startswith("round_") and name:
+            k = round_part.removeprefix("round_")
+            label = f"{'before round 1' if k == '0' else f'round {k}/{self.rounds}'} · {name}"
+        else:  # work outside the rounds (e.g. the demo's baselines): the key is the label
+            label = key
         started = time.perf_counter()
         with self._lock:
             self._right, self._scored = 0.0, 0
@@ -101,13 +128,12 @@ class CompileDisplay:
             with self._lock:
                 task, self._task = self._task, None
                 status = self._status()
-            self._progress.update(task, status=status)
-            self._progress.stop_task(task)
-            if not self.live:
-                done = self._find(task)
-                count = f"{done.completed:g}/{done.total:g}" if done.total else ""
-                self.print(" ".join(filter(None, [f"{label}:", count, f"in {time.perf_counter() - started:.0f} s",
-                                                  f"· {status}" if status else ""])))
+            done = self._find(task)
+            count = f"{done.completed:g}/{done.total:g}" if done.total else ""
+            # a finished stage leaves the live region and is printed once, above it
+            self._progress.remove_task(task)
+            self.print(" ".join(filter(None, [f"{label}:", count, f"in {time.perf_counter() - started:.0f} s",
+                                              f"· {status}" if status else ""])))
 
     def _find(self, task: int) -> Any:
         return next(t for t in self._progress.tasks if t.id == task)
