@@ -119,14 +119,21 @@ def test_max_lm_calls_stops_the_compile_and_a_resume_finishes_it(clean_adapters,
     assert finished.prompter.adapter["name"].startswith("prompter-r1-")
 
 
-def test_max_wall_s_stops_the_compile(clean_adapters, shared_data_dir, tmp_path):
-    train = load_dataset("gsm8k", "train", data_dir=shared_data_dir, limit=4)
+def _capped_compile(server, data_dir, tmp_path, cap, value):
+    """A one-round tiny compile of 4 questions, rolled out one item at a time, under one cap;
+    checks that the cap stopped it at round 0 and returns its report."""
+    train = load_dataset("gsm8k", "train", data_dir=data_dir, limit=4)
     one_thread = RolloutConfig(n_samples=2, temperature=1.0, num_threads=1)
-    # a round (24 rollout calls, SFT, a search) cannot be complete within one second
-    tele = tiny_teleprompter(clean_adapters, tmp_path / "run", rounds=1, rollout=one_thread, max_wall_s=1.0)
+    tele = tiny_teleprompter(server, tmp_path / "run", rounds=1, rollout=one_thread, **{cap: value})
     compiled = tele.compile(t.TRPromptProgram(), trainset=train)
     report = _stopped_report(tmp_path / "run")
-    _assert_round_0(tele, compiled, report, "max_wall_s")
+    _assert_round_0(tele, compiled, report, cap)
+    return report
+
+
+def test_max_wall_s_stops_the_compile(clean_adapters, shared_data_dir, tmp_path):
+    # a round (24 rollout calls, SFT, a search) cannot be complete within one second
+    report = _capped_compile(clean_adapters, shared_data_dir, tmp_path, "max_wall_s", 1.0)
     assert report["wall_s"] >= 1.0
 
 
@@ -141,13 +148,8 @@ def test_max_cost_usd_stops_the_compile_on_priced_calls(clean_adapters, shared_d
     monkeypatch.setattr(usage, "_PRICES", {})  # forget that this model had no price
     litellm.register_model({model: {"input_cost_per_token": 1e-4, "output_cost_per_token": 1e-4,
                                      "litellm_provider": "hosted_vllm", "mode": "chat"}})
-    train = load_dataset("gsm8k", "train", data_dir=shared_data_dir, limit=4)
-    one_thread = RolloutConfig(n_samples=2, temperature=1.0, num_threads=1)
     # one call of a few hundred tokens costs a few cents here: the first item passes the cap
-    tele = tiny_teleprompter(clean_adapters, tmp_path / "run", rounds=1, rollout=one_thread, max_cost_usd=0.01)
-    compiled = tele.compile(t.TRPromptProgram(), trainset=train)
-    report = _stopped_report(tmp_path / "run")
-    _assert_round_0(tele, compiled, report, "max_cost_usd")
+    report = _capped_compile(clean_adapters, shared_data_dir, tmp_path, "max_cost_usd", 0.01)
     assert report["usage"]["totals"]["cost_usd"] >= 0.01
     assert report["usage"]["totals"]["calls"] <= 3  # one rollout item, then nothing new started
 
