@@ -12,7 +12,7 @@ import trprompt_dspy as t
 from helpers import tiny_teleprompter
 from trprompt_dspy.infra.adapters import UnsafeAdapterError
 from trprompt_dspy.modules.compiled import load_compiled
-from trprompt_dspy.infra.runs import JsonlAppender, RunFolder, RunFolderError, atomic_write_json, read_jsonl
+from trprompt_dspy.infra.runs import DiskFullError, JsonlAppender, RunFolder, RunFolderError, atomic_write_json, read_jsonl
 from trprompt_dspy.infra.serving import AdapterError
 
 
@@ -28,9 +28,9 @@ def test_disk_full_keeps_every_earlier_artifact_whole(tmp_path, monkeypatch):
     atomic_write_json(tmp_path / "run" / "report.json", {"round": 1})
 
     monkeypatch.setattr(os, "fsync", _no_space)
-    with pytest.raises(RunFolderError, match="No space left"):
+    with pytest.raises(DiskFullError, match=r"no space left on the disk of .*round_1 for writing records\.jsonl"):
         records.append({"id": 2})
-    with pytest.raises(RunFolderError, match="resumes from its last recorded stage"):
+    with pytest.raises(DiskFullError, match="recording that round_1/finetune is done .* same log_dir to resume"):
         folder.mark_done("round_1/finetune", {"steps": 3})
     with pytest.raises(OSError, match="No space left"):
         atomic_write_json(tmp_path / "run" / "report.json", {"round": 2})

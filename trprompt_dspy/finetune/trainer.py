@@ -46,7 +46,7 @@ from typing import Any
 from ..infra.adapters import ADAPTER_FILES, SUMMARY_FILE
 from ..infra.model_cache import ModelNotAvailableError
 from ..infra.models import resolve_model
-from ..infra.runs import versions
+from ..infra.runs import disk_full_error, is_disk_full, versions
 from ..rollout.records import RolloutRecord
 from .chat_data import (
     check_chat_data,
@@ -437,7 +437,14 @@ def _train(
         raise FinetuneCancelled(f"training cancelled after {trainer.state.global_step} steps; no adapter written")
 
     if trainer.is_world_process_zero():
-        trainer.accelerator.unwrap_model(trainer.model).save_pretrained(str(staging), safe_serialization=True)
+        model = trainer.accelerator.unwrap_model(trainer.model)
+        try:
+            model.save_pretrained(str(staging), safe_serialization=True)
+        except Exception as exc:
+            if not is_disk_full(exc):
+                raise
+            weights = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+            raise disk_full_error(staging.parent, "saving the adapter", weights) from exc
     shutil.rmtree(staging / "trainer", ignore_errors=True)
     for path in staging.iterdir():
         # peft also writes a README model card; the folder keeps weights and JSON only.

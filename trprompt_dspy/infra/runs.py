@@ -18,9 +18,11 @@ place, so a crash leaves either the old file or the new one, never half of one.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
+import shutil
 import threading
 import uuid
 from pathlib import Path
@@ -33,6 +35,46 @@ logger = logging.getLogger(__name__)
 
 class RunFolderError(TRPromptError, RuntimeError):
     """The run folder cannot be used (unwritable, or it belongs to a different run)."""
+
+
+class DiskFullError(RunFolderError):
+    """The disk of the run folder is full. What was written before is whole (appends are cut back,
+    other files are replaced atomically) and the compile resumes once space is freed."""
+
+
+def is_disk_full(exc: BaseException | None) -> bool:
+    """Whether ``exc``, or an exception it was raised from, is a full disk or quota: an
+    ``OSError`` with ENOSPC/EDQUOT, or a library's own wrapping of one (safetensors raises
+    ``SafetensorError("... StorageFull ...")``, torch a ``RuntimeError`` naming the OS error)."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if any(mark in str(exc) for mark in ("No space left on device", "StorageFull", "Disk quota exceeded")):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def format_bytes(count: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if count < 1024 or unit == "GiB":
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1024
+    raise AssertionError("unreachable")
+
+
+def disk_full_error(folder: str | os.PathLike, what: str, needed_bytes: int | None = None) -> DiskFullError:
+    """The one-line error for a full disk under ``folder``: where, for what, how much is free and
+    (when known) about how much more ``what`` needs, and how to go on."""
+    try:
+        free = f"{format_bytes(shutil.disk_usage(folder).free)} free"
+    except OSError:
+        free = "free space unknown"
+    needed = f"; {what} needs about {format_bytes(needed_bytes)} more" if needed_bytes else ""
+    return DiskFullError(f"no space left on the disk of {folder} for {what} ({free}{needed}); everything written "
+                         "before is kept: free space and compile again with the same log_dir to resume")
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
@@ -76,20 +118,25 @@ class JsonlAppender:
     def append(self, obj: Any) -> None:
         """Append one line; on a write error (disk full...) the file is cut back to its previous
         end, so no half line is left between complete ones, and ``RunFolderError`` is raised."""
-        line = json.dumps(obj, ensure_ascii=False, default=str) + "\n"
+        line = (json.dumps(obj, ensure_ascii=False, default=str) + "\n").encode("utf-8")
         with self._lock:
             try:
-                with open(self.path, "a", encoding="utf-8") as f:
-                    end = f.tell()
+                # unbuffered: a buffered file re-sends its unwritten rest on truncate() and close(),
+                # which on a full disk fails again and leaves the torn line in place
+                with open(self.path, "ab", buffering=0) as f:
+                    end = f.seek(0, os.SEEK_END)
                     try:
-                        f.write(line)
-                        f.flush()
+                        view = memoryview(line)
+                        while view:
+                            view = view[f.write(view):]
                         os.fsync(f.fileno())
                     except OSError:
                         with contextlib.suppress(OSError):
-                            f.truncate(end)
+                            os.ftruncate(f.fileno(), end)
                         raise
             except OSError as exc:
+                if is_disk_full(exc):
+                    raise disk_full_error(self.path.parent, f"writing {self.path.name}", len(line)) from exc
                 raise RunFolderError(f"cannot write {self.path}: {exc.strerror or exc}") from exc
 
 
@@ -147,6 +194,8 @@ class RunFolder:
             probe.write_text("ok")
             probe.unlink()
         except OSError as exc:
+            if is_disk_full(exc):
+                raise disk_full_error(self.path, "opening the run folder") from exc
             raise RunFolderError(f"run folder {self.path} is not writable: {exc}") from exc
         self._lock = threading.Lock()
         self._stages: dict[str, Any] = self._read(self.STAGES_FILE, "to run every stage again (the rollout "
@@ -194,6 +243,8 @@ class RunFolder:
             try:
                 atomic_write_json(self.path / self.STAGES_FILE, stages)
             except OSError as exc:
+                if is_disk_full(exc):
+                    raise disk_full_error(self.path, f"recording that {stage} is done") from exc
                 raise RunFolderError(
                     f"cannot record that {stage} is done in {self.path} ({exc.strerror or exc}); its artifacts are "
                     "written -- free space (or fix the folder's permissions) and compile again with the same "

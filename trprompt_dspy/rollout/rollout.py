@@ -22,7 +22,7 @@ import dspy
 
 from ..infra.checks import check_choice, check_ints
 from ..infra.parallel import run_parallel
-from ..infra.runs import JsonlAppender, RunFolderError
+from ..infra.runs import JsonlAppender, RunFolderError, disk_full_error, is_disk_full
 from ..infra.scoring import example_id, is_correct, score_prediction
 from ..infra.settings import speed_only
 from ..modules.roles import QueryAwarePrompter, Solver, TextualCritic
@@ -200,6 +200,11 @@ def run_rollout(
     unwritable = [e for e in batch.errors.values() if isinstance(e, RunFolderError)]
     if unwritable:
         # records that cannot be saved would be generated again on resume: stop, do not go on
+        if is_disk_full(unwritable[0]) and appender is not None:
+            saved = read_records(appender.path)
+            per_record = appender.path.stat().st_size / len(saved) if saved else 4096
+            raise disk_full_error(appender.path.parent, f"the rollout ({len(unwritable)} records not saved)",
+                                  int(per_record * (len(ids) * config.n_samples - len(saved)))) from unwritable[0]
         raise RunFolderError(f"{len(unwritable)} rollout records could not be saved: {unwritable[0]}")
     new = [r for r in batch.outputs if r is not None]
     # question order, then sample order: the same order whether records were resumed or not

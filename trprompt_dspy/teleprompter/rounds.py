@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import logging
 import random
 import time
@@ -35,7 +36,7 @@ from ..infra.adapters import adapter_fingerprint
 from ..infra.budget import BudgetExceeded
 from ..infra.evaluation import evaluate
 from ..infra.parallel import check_interrupted
-from ..infra.runs import RunFolder, atomic_write_json
+from ..infra.runs import DiskFullError, RunFolder, atomic_write_json, disk_full_error, is_disk_full
 from ..infra.usage import LMBusyClock, UsageMeter
 from ..modules.roles import QueryAwarePrompter, Solver, TextualCritic
 from ..metrics import answer_in_text
@@ -126,7 +127,17 @@ class _RoundLoop:
         self.report["usage"] = self.meter.to_dict()  # this process
         self.report["usage_all_processes"] = self._usage_of_done_stages()
         self.report["final_reward"] = self.reward
-        write_report(self.folder, self.report)
+        self._write_report()
+
+    def _write_report(self) -> None:
+        try:
+            write_report(self.folder, self.report)
+        except OSError as exc:
+            if not is_disk_full(exc):
+                raise
+            needed = len(json.dumps(self.report, default=str)) + sum(
+                path.stat().st_size for path in (self.folder.file("report.png"),) if path.is_file())
+            raise disk_full_error(self.folder.path, "writing the report", needed) from exc
 
     def _usage_of_done_stages(self) -> dict[str, Any]:
         """LM calls and tokens of every done stage, whichever process ran it (stages done before
@@ -194,6 +205,8 @@ class _RoundLoop:
                     result = fn()
             except Exception as exc:
                 check_interrupted()
+                if is_disk_full(exc) and not isinstance(exc, DiskFullError):
+                    raise disk_full_error(self.folder.path, key) from exc
                 if isinstance(exc, BudgetExceeded) or self._servers_up() or not uses_server:
                     raise
                 logger.warning("%s failed while the vLLM server was down (%s: %s)", key, type(exc).__name__, exc)
@@ -265,7 +278,7 @@ class _RoundLoop:
         calls = sum(m["calls"] for m in counts)
         tokens = sum(m["prompt_tokens"] + m["completion_tokens"] for m in counts)
         self.report["rounds"].append(row)
-        write_report(self.folder, self.report)
+        self._write_report()
         if self.tracker is not None:
             self.tracker.log_round(row)
         summary = "round %d: val acc %s | rollout acc %.3f on %d records | t* %s | %d LM calls, %d tokens | %s" % (
