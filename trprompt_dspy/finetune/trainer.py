@@ -192,6 +192,24 @@ def _load_model(model_dir: str, settings: DeviceSettings) -> Any:
     return model
 
 
+_TRAINING_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _one_training_at_a_time():
+    """One SFT run at a time in a process. Two compiles in threads of one process (e.g. sharing
+    a server) would otherwise race on trl's lazy first import ("cannot import name 'SFTConfig'")
+    and on process-wide state (torch's thread count, the seeded RNGs, accelerate's singleton);
+    on a CPU two trainings at once are no faster than one after the other."""
+    if not _TRAINING_LOCK.acquire(blocking=False):
+        logger.info("another training runs in this process; waiting for it to finish")
+        _TRAINING_LOCK.acquire()
+    try:
+        yield
+    finally:
+        _TRAINING_LOCK.release()
+
+
 def _wrap_lora(model: Any, config: FinetuneConfig) -> Any:
     from peft import LoraConfig, PeftModel, get_peft_model
 
@@ -322,7 +340,7 @@ def _run(
     staging = make_staging_dir(output_dir)
     try:
         shown = config.progress and not any(getattr(c, "replaces_progress", False) for c in callbacks)
-        with torch_threads(settings.cpu_threads), _library_bars(shown):
+        with _one_training_at_a_time(), torch_threads(settings.cpu_threads), _library_bars(shown):
             summary = _train(prepared, tokenizer, model_dir, config, settings, staging, cancel_event, callbacks)
         summary.update(
             {

@@ -37,6 +37,7 @@ from ..infra.budget import BudgetExceeded
 from ..infra.evaluation import evaluate
 from ..infra.parallel import check_interrupted
 from ..infra.runs import DiskFullError, RunFolder, atomic_write_json, disk_full_error, is_disk_full
+from ..infra.serving import AdapterError
 from ..infra.usage import LMBusyClock, UsageMeter
 from ..modules.roles import QueryAwarePrompter, Solver, TextualCritic
 from ..metrics import answer_in_text
@@ -165,6 +166,11 @@ class _RoundLoop:
             return  # the program already holds the last round
         if k == 0:
             self.reward = self.initial_reward_text  # textual or numeric
+            # the last round's adapter is not returned: free its LoRA slot (a shared server's
+            # other compiles need it)
+            last = self.prompter.adapter
+            if last and last["name"] in self.tele.server.adapters:
+                self.tele.server.unload_adapter(last["name"])
             self.prompter.adapter = None
             self.prompter.set_lm(self.tele._server_lm())
         else:
@@ -348,7 +354,11 @@ class _RoundLoop:
         if name not in server.adapters:
             if previous and previous["name"] in server.adapters:
                 server.unload_adapter(previous["name"])
-            server.load_adapter(name, adapter_dir)
+            try:
+                server.load_adapter(name, adapter_dir)
+            except AdapterError as error:  # e.g. every LoRA slot taken by other compiles on this server
+                raise AdapterError(f"round {k}: {error} Round {k}'s adapter is kept in {adapter_dir}: compile again "
+                                   "with the same log_dir to resume.") from error
         self.prompter.set_lm(self.tele._server_lm(name))
         self.prompter.adapter = {"name": name, "path": str(adapter_dir), "base_model": server.model_path}
 
