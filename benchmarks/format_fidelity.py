@@ -124,10 +124,13 @@ def write_markdown(results: dict, path: Path) -> None:
                   "| method | correct | 95% CI | unparsed | at token limit | p vs plain chat | seconds |",
                   "|---|---|---|---|---|---|---|"]
         plain = cells.get("plain chat")
-        for method in METHODS:
-            cell = cells.get(method)
-            if cell is None:
-                continue
+        # each method in METHODS order, its labelled versions (e.g. "solver/prose v2") after it
+        def order(m: str) -> tuple[int, str]:
+            base = max((b for b in METHODS if m.startswith(b)), key=len)
+            return METHODS.index(base), m
+
+        for method in sorted(cells, key=order):
+            cell = cells[method]
             ci = binomtest(cell["correct"], cell["n"]).proportion_ci(method="wilson")
             low, high = ci.low, ci.high
             p = ""
@@ -152,6 +155,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=16)
     parser.add_argument("--data-dir", default=str(REPO.parent / "shared" / "data"))
     parser.add_argument("--out", type=Path, default=RESULTS / "format_fidelity.json")
+    parser.add_argument("--label", default="", help="appended to the names of the prose methods (a new version of "
+                        "the prose adapter measured beside the old cells)")
     args = parser.parse_args()
 
     from trprompt_dspy.data import load_dataset
@@ -169,8 +174,9 @@ def main() -> None:
     results.update(max_tokens=args.max_tokens, command=" ".join(["python", *sys.argv]))
     common = {"max_tokens": args.max_tokens, "temperature": 0.0, "cache": False}
     for model in args.models:
+        key = {m: m + args.label if "prose" in m else m for m in args.methods}
         todo = [(d, m) for d in args.datasets for m in args.methods
-                if m not in results["cells"].get(f"{model}|{d}", {})]
+                if key[m] not in results["cells"].get(f"{model}|{d}", {})]
         if not todo:
             continue
         log = Path(tempfile.mkdtemp(prefix="trprompt-fidelity-")) / "vllm.log"
@@ -178,8 +184,8 @@ def main() -> None:
             for dataset, method in todo:
                 examples = load_dataset(dataset, "test", data_dir=args.data_dir, limit=args.n)
                 cell = run_cell(method, server, examples, metric_for(dataset), common, args.threads)
-                results["cells"].setdefault(f"{model}|{dataset}", {})[method] = cell
-                print(json.dumps({"model": model, "dataset": dataset, "method": method,
+                results["cells"].setdefault(f"{model}|{dataset}", {})[key[method]] = cell
+                print(json.dumps({"model": model, "dataset": dataset, "method": key[method],
                                   **{k: cell[k] for k in ("correct", "n", "unparsed", "at_token_limit", "seconds")}}),
                       flush=True)
                 args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -91,6 +91,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=16)
     parser.add_argument("--data-dir", default=str(REPO.parent / "shared" / "data"))
     parser.add_argument("--out", type=Path, default=RESULTS / "prose_wording.json")
+    parser.add_argument("--label", default="", help="appended to the name of every variant but plain chat (a "
+                        "new version of the adapter measured beside the old cells)")
     args = parser.parse_args()
 
     import trprompt_dspy as t
@@ -104,7 +106,8 @@ def main() -> None:
     key = f"{args.model}|{args.dataset}-train|n={args.n}|seed={args.seed}"
     results = json.loads(args.out.read_text()) if args.out.is_file() else {"cells": {}}
     cells = results["cells"].setdefault(key, {})
-    todo = [v for v in args.variants if v not in cells]
+    name = {v: v if VARIANTS[v] is None else v + args.label for v in args.variants}
+    todo = [v for v in args.variants if name[v] not in cells]
     common = {"max_tokens": args.max_tokens, "temperature": 0.0, "cache": False}
     if todo:
         log = Path(tempfile.mkdtemp(prefix="trprompt-wording-")) / "vllm.log"
@@ -118,13 +121,13 @@ def main() -> None:
                 start = time.perf_counter()
                 with dspy.context(adapter=adapter):
                     report = evaluate(program, examples, metric_for(args.dataset), num_threads=args.threads, progress=False)
-                cells[variant] = {
+                cells[name[variant]] = {
                     "correct": report.n_correct, "n": report.n, "unparsed": report.error_counts.get("AdapterParseError", 0),
                     "seconds": round(time.perf_counter() - start, 1),
                     "per_question": [bool(r["correct"]) for r in report.rows],
                     "first_messages": lm.history[0]["messages"] if lm.history else None,
                 }
-                print(json.dumps({"variant": variant, **{k: cells[variant][k] for k in ("correct", "n", "unparsed", "seconds")}}), flush=True)
+                print(json.dumps({"variant": name[variant], **{k: cells[name[variant]][k] for k in ("correct", "n", "unparsed", "seconds")}}), flush=True)
                 args.out.parent.mkdir(parents=True, exist_ok=True)
                 args.out.write_text(json.dumps(results, indent=1) + "\n")
     lines = ["# Prose Solver wording, chosen on training questions", "",

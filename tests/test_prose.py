@@ -48,10 +48,23 @@ def test_an_empty_prompt_is_left_out():
     ("3 + 4 = 7 apples.\n#### 7", "3 + 4 = 7 apples.", "7"),
     ("First 3.\n#### 5\nThen more text\n#### 7 apples\nbye", "First 3.\n#### 5\nThen more text", "7 apples"),
     ("3 + 4 = 7.\nSo Tom has 7 apples.", "3 + 4 = 7.\nSo Tom has 7 apples.", "So Tom has 7 apples."),
+    # no marker: the last \boxed{} wherever it stands, else the last line that is not layout
+    ("He has\n\\[\n\\boxed{3}\n\\]", "He has\n\\[\n\\boxed{3}\n\\]", "\\boxed{3}"),
+    ("So \\(\\boxed{44}\\) stickers.\nHope this helps!", "So \\(\\boxed{44}\\) stickers.\nHope this helps!", "\\boxed{44}"),
+    ("x = 2 + 1\n$$\nx = 3\n$$\n```", "x = 2 + 1\n$$\nx = 3\n$$\n```", "x = 3"),
 ])
 def test_replies_parse_like_plain_chat(reply, reasoning, answer):
     parsed = ProseAdapter().parse(SolveWithPrompt, reply)
     assert parsed == {"reasoning": reasoning, "answer": answer}
+
+
+def test_the_fallback_answer_is_what_the_metric_reads_in_plain_chat():
+    # a reply that closes its display math after the answer was once read as "\\]" (wrong)
+    reply = "Josh spends 10 + 2 + 4 * 1.25 = 17.\nHe has left:\n\\[\n20 - 17 = \\boxed{3}\n\\]"
+    answer = ProseAdapter().parse(SolveWithPrompt, reply)["answer"]
+    example = dspy.Example(question="q", answer="3")
+    assert gsm8k_metric(example, dspy.Prediction(answer=answer))
+    assert gsm8k_metric(example, dspy.Prediction(answer=reply))  # plain chat reads the whole reply
 
 
 def test_an_empty_reply_or_nothing_after_the_marker_is_a_parse_error():
