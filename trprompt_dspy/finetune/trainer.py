@@ -14,7 +14,8 @@ training data and trains a LoRA adapter that
 What makes training equal inference: the messages are the prompter's own DSPy adapter's
 (:mod:`.chat_data`), the tokens are vLLM's rendering of them with loss on the completion only
 (:mod:`.tokenize`). Device settings come from :mod:`.device`; the output folder is staged and
-published by :mod:`.output`.
+published by :mod:`.output`; the callbacks, bars and per-process turn around the trl run are in
+:mod:`.run_hooks`.
 
 Multi-GPU: the same trainer runs under Accelerate (DDP), one process per GPU (``accelerate
 launch -m trprompt_dspy.finetune``, see :mod:`trprompt_dspy.finetune.__main__`). Every process
@@ -31,7 +32,6 @@ interrupted run leaves nothing at ``output_dir``.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import logging
@@ -39,7 +39,7 @@ import os
 import shutil
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +62,7 @@ from .device import (
     resolve_device_settings,
     torch_threads,
 )
+from .run_hooks import CountingCollator, library_bars, make_callbacks, one_training_at_a_time, quiet_logs
 from .output import check_output_dir, check_previous_adapter, make_staging_dir, publish
 from .tokenize import (
     PreparedData,
@@ -101,88 +102,6 @@ class FinetuneResult:
         return [entry["loss"] for entry in self.summary["loss_curve"]]
 
 
-def _make_callbacks(cancel_event: threading.Event | None, extra: Sequence[Any]) -> tuple[list[Any], dict]:
-    from transformers import TrainerCallback
-
-    state: dict[str, Any] = {"log": [], "cancelled": False, "step_seconds": [], "step_started": None}
-
-    class _Recorder(TrainerCallback):
-        def on_step_begin(self, args, trainer_state, control, **kwargs):
-            state["step_started"] = time.perf_counter()
-
-        # Keeps the loss curve for the summary; trl/transformers print it too.
-        def on_log(self, args, trainer_state, control, logs=None, **kwargs):
-            if logs and "loss" in logs:
-                entry = {"step": trainer_state.global_step, "loss": float(logs["loss"])}
-                for key in ("learning_rate", "grad_norm"):
-                    if key in logs:
-                        entry[key] = float(logs[key])
-                state["log"].append(entry)
-
-        def on_step_end(self, args, trainer_state, control, **kwargs):
-            if state["step_started"] is not None:
-                state["step_seconds"].append(round(time.perf_counter() - state["step_started"], 4))
-            if cancel_event is not None and cancel_event.is_set():
-                state["cancelled"] = True
-                control.should_training_stop = True
-
-    return [_Recorder(), *extra], state
-
-
-@contextlib.contextmanager
-def _library_bars(shown: bool) -> Iterator[None]:
-    """transformers' and datasets' own bars (loading weights, preparing the dataset) only when
-    this run shows progress itself (not when progress is off, or a display shows the steps)."""
-    import datasets
-    from transformers.utils import logging as hf_logging
-
-    if shown:
-        yield
-        return
-    was = hf_logging.is_progress_bar_enabled(), datasets.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    datasets.disable_progress_bars()
-    try:
-        yield
-    finally:
-        if was[0]:
-            hf_logging.enable_progress_bar()
-        if was[1]:
-            datasets.enable_progress_bars()
-
-
-def _quiet_logs(trainer: Any, extra_callbacks: Sequence[Any], *, progress: bool) -> None:
-    """No raw ``{'loss': ...}`` dict per step on the console (the loss curve is in the summary):
-    transformers' PrinterCallback goes, and its ProgressCallback keeps the bar without the dicts,
-    or goes too when a callback shows the steps itself (``replaces_progress``: the compile's
-    display, ``infra/progress.py``)."""
-    from transformers.trainer_callback import PrinterCallback, ProgressCallback
-
-    class _BarOnly(ProgressCallback):
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            pass
-
-    trainer.remove_callback(PrinterCallback)
-    trainer.remove_callback(ProgressCallback)
-    if progress and not any(getattr(c, "replaces_progress", False) for c in extra_callbacks):
-        trainer.add_callback(_BarOnly())
-
-
-class _CountingCollator:
-    """Wraps trl's collator to count the tokens every step really processed (for tokens/s)."""
-
-    def __init__(self, inner: Any):
-        self.inner = inner
-        self.tokens = 0
-        self.loss_tokens = 0
-
-    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
-        batch = self.inner(examples)
-        self.tokens += int(batch["attention_mask"].sum())
-        self.loss_tokens += int((batch["labels"] != -100).sum())
-        return batch
-
-
 def _load_model(model_dir: str, settings: DeviceSettings) -> Any:
     import torch
     from transformers import AutoModelForCausalLM
@@ -190,24 +109,6 @@ def _load_model(model_dir: str, settings: DeviceSettings) -> Any:
     dtype = torch.bfloat16 if settings.load_bf16 else torch.float32
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
     return model
-
-
-_TRAINING_LOCK = threading.Lock()
-
-
-@contextlib.contextmanager
-def _one_training_at_a_time():
-    """One SFT run at a time in a process. Two compiles in threads of one process (e.g. sharing
-    a server) would otherwise race on trl's lazy first import ("cannot import name 'SFTConfig'")
-    and on process-wide state (torch's thread count, the seeded RNGs, accelerate's singleton);
-    on a CPU two trainings at once are no faster than one after the other."""
-    if not _TRAINING_LOCK.acquire(blocking=False):
-        logger.info("another training runs in this process; waiting for it to finish")
-        _TRAINING_LOCK.acquire()
-    try:
-        yield
-    finally:
-        _TRAINING_LOCK.release()
 
 
 def _wrap_lora(model: Any, config: FinetuneConfig) -> Any:
@@ -340,7 +241,7 @@ def _run(
     staging = make_staging_dir(output_dir)
     try:
         shown = config.progress and not any(getattr(c, "replaces_progress", False) for c in callbacks)
-        with _one_training_at_a_time(), torch_threads(settings.cpu_threads), _library_bars(shown):
+        with one_training_at_a_time(), torch_threads(settings.cpu_threads), library_bars(shown):
             summary = _train(prepared, tokenizer, model_dir, config, settings, staging, cancel_event, callbacks)
         summary.update(
             {
@@ -437,8 +338,8 @@ def _train(
         disable_tqdm=not config.progress,
         dataloader_num_workers=0,
     )
-    collator = _CountingCollator(DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id))
-    callbacks, state = _make_callbacks(cancel_event, extra_callbacks)
+    collator = CountingCollator(DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id))
+    callbacks, state = make_callbacks(cancel_event, extra_callbacks)
     trainer = SFTTrainer(
         model=model,
         args=args,
@@ -447,7 +348,7 @@ def _train(
         data_collator=collator,
         callbacks=callbacks,
     )
-    _quiet_logs(trainer, extra_callbacks, progress=config.progress)
+    quiet_logs(trainer, extra_callbacks, progress=config.progress)
     train_started = time.monotonic()
     output = trainer.train()
     train_seconds = time.monotonic() - train_started
