@@ -64,3 +64,4 @@ def test_dry_run_counts_without_a_model(capsys, shared_data_dir):
     out = capsys.readouterr().out
     # 24 questions x 4 samples (RolloutConfig's default) x prompter, solver and critic
     assert "round_1/rollout" in out and " 288" in out and "at most" in out and "not probed" in out
+    assert "not counted: requests DSPy re-sends" in out

@@ -155,6 +155,8 @@ class CompileEstimate:
         wall = "not probed" if self.wall_s is None else f"~{self.wall_s / 60:.1f} min of LM time (SFT not included)"
         exact = "exact" if total["calls_exact"] else "the t* search at most"
         lines.append(f"total: {total['calls']} LM calls ({exact}), {cost}, {wall}")
+        lines.append("not counted: requests DSPy re-sends (stragglers, retries) and an adapter's fallback call "
+                     "after an unparseable reply")
         return "\n".join(lines)
 
 
