@@ -46,7 +46,7 @@ from typing import Any
 from ..infra.adapters import ADAPTER_FILES, SUMMARY_FILE
 from ..infra.model_cache import ModelNotAvailableError
 from ..infra.models import resolve_model
-from ..infra.runs import disk_full_error, is_disk_full, versions
+from ..infra.runs import disk_full_as_error, versions
 from ..rollout.records import RolloutRecord
 from .chat_data import (
     check_chat_data,
@@ -357,13 +357,9 @@ def _train(
 
     if trainer.is_world_process_zero():
         model = trainer.accelerator.unwrap_model(trainer.model)
-        try:
+        weights = lambda: sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)  # noqa: E731
+        with disk_full_as_error(staging.parent, "saving the adapter", weights):
             model.save_pretrained(str(staging), safe_serialization=True)
-        except Exception as exc:
-            if not is_disk_full(exc):
-                raise
-            weights = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
-            raise disk_full_error(staging.parent, "saving the adapter", weights) from exc
     shutil.rmtree(staging / "trainer", ignore_errors=True)
     for path in staging.iterdir():
         # peft also writes a README model card; the folder keeps weights and JSON only.

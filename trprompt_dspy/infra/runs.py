@@ -26,7 +26,7 @@ import shutil
 import threading
 import uuid
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 from ..errors import TRPromptError
 
@@ -75,6 +75,19 @@ def disk_full_error(folder: str | os.PathLike, what: str, needed_bytes: int | No
     needed = f"; {what} needs about {format_bytes(needed_bytes)} more" if needed_bytes else ""
     return DiskFullError(f"no space left on the disk of {folder} for {what} ({free}{needed}); everything written "
                          "before is kept: free space and compile again with the same log_dir to resume")
+
+
+@contextlib.contextmanager
+def disk_full_as_error(folder: str | os.PathLike, what: str, needed: Callable[[], int] | None = None) -> Iterator[None]:
+    """Inside it, a full disk (:func:`is_disk_full`, also when a library wrapped the OS error)
+    becomes :func:`disk_full_error` for ``folder`` and ``what``; ``needed`` (called only then)
+    gives the bytes still to write. Other errors pass unchanged."""
+    try:
+        yield
+    except Exception as exc:
+        if isinstance(exc, DiskFullError) or not is_disk_full(exc):
+            raise
+        raise disk_full_error(folder, what, needed() if needed else None) from exc
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:

@@ -36,7 +36,7 @@ from ..infra.adapters import adapter_fingerprint
 from ..infra.budget import BudgetExceeded
 from ..infra.evaluation import evaluate
 from ..infra.parallel import check_interrupted
-from ..infra.runs import DiskFullError, RunFolder, atomic_write_json, disk_full_error, is_disk_full
+from ..infra.runs import DiskFullError, RunFolder, atomic_write_json, disk_full_as_error, disk_full_error, is_disk_full
 from ..infra.serving import AdapterError
 from ..infra.usage import LMBusyClock, UsageMeter
 from ..modules.roles import QueryAwarePrompter, Solver, TextualCritic
@@ -131,14 +131,12 @@ class _RoundLoop:
         self._write_report()
 
     def _write_report(self) -> None:
-        try:
+        def needed() -> int:  # the report's JSON and the plot it replaces
+            png = self.folder.file("report.png")
+            return len(json.dumps(self.report, default=str)) + (png.stat().st_size if png.is_file() else 0)
+
+        with disk_full_as_error(self.folder.path, "writing the report", needed):
             write_report(self.folder, self.report)
-        except OSError as exc:
-            if not is_disk_full(exc):
-                raise
-            needed = len(json.dumps(self.report, default=str)) + sum(
-                path.stat().st_size for path in (self.folder.file("report.png"),) if path.is_file())
-            raise disk_full_error(self.folder.path, "writing the report", needed) from exc
 
     def _usage_of_done_stages(self) -> dict[str, Any]:
         """LM calls and tokens of every done stage, whichever process ran it (stages done before

@@ -19,7 +19,7 @@ from ..infra.progress import DISPLAY_SETTING, CompileDisplay
 from ..infra.checks import check_choice
 from ..infra.models import OUTPUT_FORMATS
 from ..infra.parallel import watch_sigint
-from ..infra.runs import RunFolder, atomic_write_json, disk_full_error, is_disk_full, versions
+from ..infra.runs import RunFolder, atomic_write_json, disk_full_as_error, versions
 from ..infra.scoring import example_id
 from ..infra.settings import result_settings
 from ..infra.structured import adapter_for
@@ -186,13 +186,9 @@ class TRPromptTeleprompter(Teleprompter):
             log_dir or self.log_dir or f"runs/trprompt-{time.strftime('%Y%m%d-%H%M%S')}",
             fingerprint=self._fingerprint(trainset, valset),
         )
-        try:
+        with disk_full_as_error(run.path, "the run's settings"):
             atomic_write_json(run.file("config.json"), self._describe())
             atomic_write_json(run.file("versions.json"), versions())
-        except OSError as exc:
-            if is_disk_full(exc):
-                raise disk_full_error(run.path, "the run's settings") from exc
-            raise
         meter = UsageMeter(MODULE_ROLES)
         meter.assign_role(self.optimizer_lm, "optimizer")
         # before any LM call: a tracker asked for and not installed stops here, in one line
