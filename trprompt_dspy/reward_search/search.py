@@ -53,13 +53,12 @@ from typing import Any, Callable, Sequence
 import dspy
 
 from ..errors import TRPromptError
-from ..metrics import answer_in_text
 from ..infra.textgrad_engine import DSPyEngine, is_hosted_vllm, regex_extra_body
 from .config import RewardSearchConfig
 from .forward import evaluate_rewards
 from .results import error_text, format_accuracy, format_total, results_text
 from .sampling import MinibatchSampler, split_trainset
-from .textgrad import propose_candidates, textual_gradient
+from .textgrad import propose_candidates, reject_answer_leaks, textual_gradient
 from .trace import (
     BatchScore,
     CandidateRecord,
@@ -70,18 +69,6 @@ from .trace import (
 
 logger = logging.getLogger(__name__)
 
-
-def reject_answer_leaks(candidates: Sequence[Any], rows: Sequence[dict[str, Any]]) -> None:
-    """Reject each still-valid candidate that writes the gold answer of a question of the gradient
-    minibatch (shown to the optimizer LM with its reference): such a t* would teach the prompter
-    to put answers in prompts, so a gain would measure solving, not prompting. A number that is
-    also in that question is not a leak (:func:`~trprompt_dspy.metrics.answer_in_text`)."""
-    for c in candidates:
-        if c.reason is not None:
-            continue
-        leaked = [r["id"] for r in rows if answer_in_text(c.reward, r.get("reference"), r.get("question"))]
-        if leaked:
-            c.reason = f"gives away the gold answer of minibatch question(s) {', '.join(map(str, leaked[:5]))}"
 
 class RewardSearchError(TRPromptError, RuntimeError):
     """The search cannot start or go on for a reason other than model output (e.g. every call

@@ -6,7 +6,8 @@ ran outside TextGrad, in parallel, and the function replays it), optionally foll
 evaluation (TextGrad's ``TextLoss``); ``backward`` asks the optimizer LM for feedback on t*.
 :func:`propose_candidates` sends TextGrad's ``TextualGradientDescent`` update prompt k times in
 parallel threads (the first greedy, the others sampled) without applying any reply;
-:func:`parse_improved_variable` validates each reply as text, never evaluating it.
+:func:`parse_improved_variable` validates each reply as text, never evaluating it, and
+:func:`reject_answer_leaks` rejects a candidate that writes a gold answer of the gradient's minibatch.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any, Sequence
 
 from ..infra.parallel import run_parallel
 from ..infra.textgrad_engine import tg
+from ..metrics import answer_in_text
 from ..prompts.reward_search import IMPROVED_VARIABLE_TAGS
 from .config import RewardSearchConfig
 from .results import error_text
@@ -106,6 +108,19 @@ def _degenerate(value: str) -> str | None:
     if len(words) >= 12 and len(set(words)) / len(words) < 0.3:
         return f"repetitive ({len(set(words))} distinct words of {len(words)})"
     return None
+
+
+def reject_answer_leaks(candidates: Sequence[Any], rows: Sequence[dict[str, Any]]) -> None:
+    """Reject each still-valid candidate that writes the gold answer of a question of the gradient
+    minibatch (shown to the optimizer LM with its reference): such a t* would teach the prompter
+    to put answers in prompts, so a gain would measure solving, not prompting. A number that is
+    also in that question is not a leak (:func:`~trprompt_dspy.metrics.answer_in_text`)."""
+    for c in candidates:
+        if c.reason is not None:
+            continue
+        leaked = [r["id"] for r in rows if answer_in_text(c.reward, r.get("reference"), r.get("question"))]
+        if leaked:
+            c.reason = f"gives away the gold answer of minibatch question(s) {', '.join(map(str, leaked[:5]))}"
 
 
 def _backward(loss: Any, engine: Any) -> None:
