@@ -56,6 +56,26 @@ def test_a_numeric_reward_has_no_critic_and_no_search():
     assert [s.stage for s in stages if "search" in s.stage] == ["round_1/reward_search"]
 
 
+def test_a_cached_validation_counts_only_the_questions_the_search_did_not_score():
+    # the demo's compile (DSPy's cache on): t* was scored on the 16 held-out validation
+    # questions during the search, so its validation made 0 new calls (estimate_check_demo.md)
+    config = tiny_config(search_heldout="valset", search_heldout_size=2)
+    val = {s.stage: s.calls for s in count_calls(config, n_train=4, n_val=3, cached=True)}
+    assert val["round_1/validation"] == {"prompter": 1, "target": 1}
+    assert val["round_0/validation"] == {"prompter": 3, "target": 3}  # no search before it
+    uncached = {s.stage: s.calls for s in count_calls(config, n_train=4, n_val=3)}
+    assert uncached["round_1/validation"] == {"prompter": 3, "target": 3}
+    # t* kept after round 1: round 2's adapter is new and its validation is asked in full
+    kept = {s.stage: s.calls for s in count_calls(tiny_config(update_reward=False, search_heldout_size=0),
+                                                  n_train=4, n_val=3, cached=True)}
+    assert kept["round_1/validation"] == {"prompter": 0, "target": 0}
+    assert kept["round_2/validation"] == {"prompter": 3, "target": 3}
+    # held-out questions from the trainset: the validation shares nothing with the search
+    trainside = {s.stage: s.calls for s in count_calls(tiny_config(search_heldout="trainset", search_heldout_size=1),
+                                                       n_train=4, n_val=3, cached=True)}
+    assert trainside["round_1/validation"] == {"prompter": 3, "target": 3}
+
+
 def test_dry_run_counts_without_a_model(capsys, shared_data_dir):
     from trprompt_dspy.app.cli import main
 

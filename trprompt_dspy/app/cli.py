@@ -194,7 +194,7 @@ def _compile(args: argparse.Namespace) -> int:
     if args.dry_run and not args.probe:  # the counts alone need no model
         from ..teleprompter.estimate import CompileEstimate, count_calls
 
-        stages = count_calls(config, len(train), len(val))
+        stages = count_calls(config, len(train), len(val), cached=True)  # the CLI's LMs use DSPy's cache
         print(CompileEstimate(stages=stages, per_call={}, probe={"questions": 0}, wall_s=None).table())
         return 0
     if (log_dir / "stages.json").is_file() and not args.resume and not args.dry_run:

@@ -4,7 +4,8 @@
 **Calls** are counted from the config and the data sizes, per stage and role
 (:func:`count_calls`): exact for the rollouts (one prompter, one solver and, with a textual
 reward, one critic call per question and sample) and the validations (a prompter and a solver
-call per question); an upper bound for the t* search, which makes fewer when proposals are
+call per question, less the held-out validation questions the round's t* search already scored
+t* on when the LMs use DSPy's cache); an upper bound for the t* search, which makes fewer when proposals are
 invalid (they are not evaluated) or ``patience`` stops it. Not counted: a DSPy adapter's
 fallback call after an unparseable reply, a straggler re-sent by DSPy's executor.
 
@@ -62,11 +63,17 @@ def heldout_count(config: TRPromptConfig, n_train: int, n_val: int) -> tuple[int
     return n_train, config.search.heldout_size
 
 
-def count_calls(config: TRPromptConfig, n_train: int, n_val: int) -> list[StageCalls]:
+def count_calls(config: TRPromptConfig, n_train: int, n_val: int, *, cached: bool = False) -> list[StageCalls]:
     """The LM calls of a compile of ``n_train`` training and ``n_val`` validation questions, per
-    stage and role, in the order the stages run (see the module doc for what is exact)."""
+    stage and role, in the order the stages run (see the module doc for what is exact).
+
+    ``cached``: the LMs answer a repeated call from DSPy's cache (DSPy's default). Then a
+    round's validation re-asks nothing on the questions its t* search already scored t* on
+    (``search_heldout="valset"``: the first ``held`` validation questions, same adapter and
+    reward), so only the rest are counted."""
     textual = config.reward == "textual"
     rolled, held = heldout_count(config, n_train, n_val)
+    searched_val = held if cached and config.search_heldout == "valset" else 0
     stages: list[StageCalls] = []
 
     def pairs(n: int) -> dict[str, int]:  # one prompter and one solver call per question
@@ -89,7 +96,8 @@ def count_calls(config: TRPromptConfig, n_train: int, n_val: int) -> list[StageC
                                      {**pairs(evaluated), "optimizer": search.steps * (gradient_calls + k)},
                                      at_most=True))
         if n_val:
-            stages.append(StageCalls(f"round_{r}/validation", pairs(n_val)))
+            searched = searched_val if textual and (config.update_reward or r == 1) else 0
+            stages.append(StageCalls(f"round_{r}/validation", pairs(n_val - searched)))
     return stages
 
 

@@ -256,7 +256,7 @@ class TRPromptTeleprompter(Teleprompter):
             raise ValueError("trainset is empty")
         if probe < 0:
             raise ValueError(f"probe must be >= 0, got {probe}")
-        stages = count_calls(self.config, len(trainset), len(valset or []))
+        stages = count_calls(self.config, len(trainset), len(valset or []), cached=self.lm_kwargs.get("cache", True))
         per_call: dict[str, dict[str, Any]] = {}
         summary: dict[str, Any] = {"questions": 0}
         if probe:
