@@ -46,8 +46,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import dspy  # noqa: E402
-from parse_rate import finish_reasons  # noqa: E402
-from scipy.stats import binomtest  # noqa: E402
+from evidence import mcnemar  # noqa: E402
+from prompter_prose import _truncated  # noqa: E402
 
 from trprompt_dspy.infra.prose import ProseAdapter  # noqa: E402
 
@@ -77,13 +77,6 @@ class _Variant(ProseAdapter):
 
 
 VARIANTS = {"unlabelled": (False, False), "labelled": (True, False), "labelled+no-copy": (True, True)}
-
-
-def _truncated(lm, marker: str) -> bool:
-    for entry in reversed(lm.history):
-        if any(marker in str(m.get("content", "")) for m in entry.get("messages") or []):
-            return "length" in finish_reasons(entry.get("response"))
-    return False
 
 
 def one(example, prompter, solver, metric, prompter_lm, adapter) -> dict:
@@ -156,10 +149,8 @@ def main() -> None:
             count = {k: sum(r[k] for r in ok) for k in ("restates", "reveals", "empty", "truncated")}
             p = ""
             if base and variant != "unlabelled":
-                gained = sum(r["correct"] and not b["correct"] for r, b in zip(rows, base["rows"]))
-                lost = sum(b["correct"] and not r["correct"] for r, b in zip(rows, base["rows"]))
-                p = (f"{binomtest(gained, gained + lost).pvalue:.3f} ({gained} gained, {lost} lost)"
-                     if gained + lost else "1.000 (0 gained, 0 lost)")
+                test = mcnemar([r["correct"] for r in rows], [b["correct"] for b in base["rows"]])
+                p = f"{test['p']:.3f} ({test['gained']} gained, {test['lost']} lost)"
             median = statistics.median(len(r["prompt"]) for r in ok) if ok else 0
             lines.append(f"| {variant} | {count['restates']}/{len(rows)} | {count['reveals']} | {count['empty']} | "
                          f"{count['truncated']} | {median:.0f} | {sum(r['correct'] for r in rows)}/{len(rows)} | {p} | "
