@@ -6,6 +6,10 @@ starts a server on the same model, makes the estimate of the same settings and d
 and role, the estimated against the actual LM calls, per role the tokens, and the estimated LM
 time against the compile's (``lm_busy_s``: time with at least one LM call in flight).
 
+With ``--estimate FILE`` it compares the estimate ``trprompt compile --dry-run --estimate-out FILE``
+wrote before the compile, instead of probing again afterwards (the honest order: the estimate
+a user would have read before starting).
+
 Usage::
 
     .venv/bin/python benchmarks/estimate_check.py --run-dir runs/evidence/gsm8k-qwen0.5b/trprompt-s0/run \\
@@ -36,6 +40,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--model", required=True, help="the prompter's base model of that compile")
     p.add_argument("--dataset", default="gsm8k", help="training questions for the probe")
     p.add_argument("--data-dir", default=os.environ.get("TRPROMPT_DATA_DIR"))
+    p.add_argument("--estimate", default=None, help="an estimate written before the compile (--estimate-out)")
     p.add_argument("--probe", type=int, default=8)
     p.add_argument("--cpu-threads", type=int, default=None)
     p.add_argument("--name", required=True)
@@ -57,10 +62,15 @@ def main(argv: list[str] | None = None) -> dict:
     # the probe reads only the first --probe questions; the counts only the sizes
     train = load_dataset(args.dataset, "train", data_dir=args.data_dir, limit=n_train)
     val = train[:n_val]
-    with t.VLLMServer(t.ServerConfig(model=args.model, cpu_threads=args.cpu_threads)) as server:
-        tele = t.TRPromptTeleprompter(server=server, metric=metric_for(args.dataset), config=config,
-                                      lm_kwargs=described.get("lm_kwargs"))
-        estimate = tele.estimate(t.TRPromptProgram(), trainset=train, valset=val or None, probe=args.probe)
+    if args.estimate:
+        from trprompt_dspy.teleprompter.estimate import CompileEstimate
+
+        estimate = CompileEstimate.from_dict(json.loads(Path(args.estimate).read_text()))
+    else:
+        with t.VLLMServer(t.ServerConfig(model=args.model, cpu_threads=args.cpu_threads)) as server:
+            tele = t.TRPromptTeleprompter(server=server, metric=metric_for(args.dataset), config=config,
+                                          lm_kwargs=described.get("lm_kwargs"))
+            estimate = tele.estimate(t.TRPromptProgram(), trainset=train, valset=val or None, probe=args.probe)
 
     # the actual calls and seconds of each stage that ran: from the report's rounds (their usage
     # is per stage), and the stage results (seconds; usage where the stage result carries it)
@@ -97,9 +107,19 @@ def main(argv: list[str] | None = None) -> dict:
         if tokens and n:
             roles[role] = {"estimated_per_call": {k: round(tokens[k], 1) for k in ("prompt_tokens", "completion_tokens")},
                            "actual_per_call": {k: round(v / n, 1) for k, v in actual_tokens.items()}, "calls": n}
+    # all tokens of the stages that ran: the estimate's counted calls x its tokens per call, against
+    # what the compile's meters recorded
+    est_tokens = sum(n * sum(per_call[r][k] for k in ("prompt_tokens", "completion_tokens"))
+                     for s in stages for r, n in s["estimated"].items() if r in per_call)
+    act_tokens = 0
+    for name in ran:
+        usage = stage_results[name].get("usage") or rows.get(name) or {}
+        act_tokens += sum(m["prompt_tokens"] + m["completion_tokens"] for models in usage.values() for m in models.values())
     result = {
         "name": args.name, "run_dir": str(run), "model": args.model, "probe": estimate.probe,
         "stages": stages, "roles": roles,
+        "tokens": {"estimated_stages_run": round(est_tokens), "actual_stages_run": act_tokens},
+        "estimate_source": args.estimate or "probed after the compile",
         "lm_seconds": {"estimated_stages_run": round(est_s, 1), "actual_stages_run": round(act_s, 1),
                        "note": "the LM stages that ran (SFT excluded); actual: each stage's wall seconds"},
         "machine": {"cpus": os.cpu_count(), "load_before": os.getloadavg()},
@@ -119,7 +139,8 @@ def markdown(r: dict) -> str:
     lines = [f"# Dry-run estimate against the compile it estimates: {r['name']}", "",
              f"Run folder `{r['run_dir']}`, model `{r['model']}`; probe: {r['probe']['questions']} training questions, "
              f"{r['probe'].get('concurrency')} at once, {r['probe'].get('seconds')} s, "
-             f"{r['probe'].get('completion_tokens_per_s')} completion tokens/s. Command: "
+             f"{r['probe'].get('completion_tokens_per_s')} completion tokens/s; estimate "
+             f"{r.get('estimate_source', 'probed after the compile')}. Command: "
              "`python benchmarks/estimate_check.py` (see its docstring). Only the stages the compile ran.", "",
              "| stage | estimated calls | actual calls | | estimated LM s | actual s |", "|---|---:|---:|---|---:|---:|"]
     for s in r["stages"]:
@@ -134,6 +155,10 @@ def markdown(r: dict) -> str:
         lines.append(f"| {role} | {v['calls']} | {e['prompt_tokens']} / {a['prompt_tokens']} "
                      f"({_ratio(e['prompt_tokens'], a['prompt_tokens'])}) | {e['completion_tokens']} / "
                      f"{a['completion_tokens']} ({_ratio(e['completion_tokens'], a['completion_tokens'])}) |")
+    tok = r.get("tokens")
+    if tok:
+        lines += ["", f"Tokens (prompt + completion) of the stages run: estimated {tok['estimated_stages_run']:,}, actual "
+                  f"{tok['actual_stages_run']:,} (ratio {_ratio(tok['estimated_stages_run'], tok['actual_stages_run'])})."]
     s = r["lm_seconds"]
     lines += ["", f"LM time of the stages run: estimated {s['estimated_stages_run']} s, actual {s['actual_stages_run']} s "
               f"(ratio {_ratio(s['estimated_stages_run'], s['actual_stages_run'])}).", ""]

@@ -85,3 +85,26 @@ def test_dry_run_counts_without_a_model(capsys, shared_data_dir):
     # 24 questions x 4 samples (RolloutConfig's default) x prompter, solver and critic
     assert "round_1/rollout" in out and " 288" in out and "at most" in out and "not probed" in out
     assert "not counted: requests DSPy re-sends" in out
+
+
+def test_dry_run_writes_the_estimate_it_prints(capsys, shared_data_dir, tmp_path):
+    import json
+
+    from trprompt_dspy.app.cli import main
+    from trprompt_dspy.teleprompter.estimate import CompileEstimate
+
+    common = ["compile", "--dataset", "gsm8k", "--data-dir", str(shared_data_dir), "--train-size", "24",
+              "--val-size", "16", "--rounds", "1"]
+    path = tmp_path / "out" / "estimate.json"
+    assert main([*common, "--dry-run", "--probe", "0", "--estimate-out", str(path)]) == 0
+    printed = capsys.readouterr().out
+    # read back (benchmarks/estimate_check.py --estimate): the same stages, calls and table
+    estimate = CompileEstimate.from_dict(json.loads(path.read_text()))
+    assert [s.stage for s in estimate.stages] == ["round_0/validation", "round_1/rollout",
+                                                  "round_1/reward_search", "round_1/validation"]
+    assert estimate.stages[1].calls == {"prompter": 96, "target": 96, "critic": 96}
+    assert estimate.stages[2].at_most and not estimate.stages[1].at_most
+    assert estimate.table() in printed and f"estimate written to {path}" in printed
+    # an estimate is made before a compile: without --dry-run the flag is refused, in one line
+    assert main([*common, "--estimate-out", str(path)]) == 2
+    assert "--estimate-out goes with --dry-run" in capsys.readouterr().err

@@ -174,6 +174,8 @@ def _compile(args: argparse.Namespace) -> int:
         raise UserError(f"--val-size must be >= 0, got {args.val_size}")
     if args.probe < 0:
         raise UserError(f"--probe must be >= 0, got {args.probe}")
+    if args.estimate_out and not args.dry_run:
+        raise UserError("--estimate-out goes with --dry-run (the estimate is made before a compile, not during one)")
     config = compile_config(args)
     if args.file:
         from ..data.loaders import split_examples
@@ -195,7 +197,7 @@ def _compile(args: argparse.Namespace) -> int:
         from ..teleprompter.estimate import CompileEstimate, count_calls
 
         stages = count_calls(config, len(train), len(val), cached=True)  # the CLI's LMs use DSPy's cache
-        print(CompileEstimate(stages=stages, per_call={}, probe={"questions": 0}, wall_s=None).table())
+        _report_estimate(CompileEstimate(stages=stages, per_call={}, probe={"questions": 0}, wall_s=None), args)
         return 0
     if (log_dir / "stages.json").is_file() and not args.resume and not args.dry_run:
         raise UserError(f"{log_dir} holds an earlier run; pass --resume to continue it or choose another --log-dir")
@@ -218,7 +220,7 @@ def _compile(args: argparse.Namespace) -> int:
             target_lm=roles["target"], critic_lm=roles["critic"], optimizer_lm=roles["optimizer"],
         )
         if args.dry_run:
-            print(tele.estimate(TRPromptProgram(), trainset=train, valset=val or None, probe=args.probe).table())
+            _report_estimate(tele.estimate(TRPromptProgram(), trainset=train, valset=val or None, probe=args.probe), args)
             return 0
         compiled = tele.compile(TRPromptProgram(), trainset=train, valset=val or None)
         out = Path(args.out or log_dir / "program")
@@ -234,6 +236,16 @@ def _compile(args: argparse.Namespace) -> int:
               "larger cap", flush=True)
     print(f"compiled program: {out}\nreport: {log_dir / 'report.json'} (plot: report.png)")
     return 0
+
+
+def _report_estimate(estimate: Any, args: argparse.Namespace) -> None:
+    """Print a dry run's estimate, and write it as JSON where ``--estimate-out`` asks."""
+    print(estimate.table())
+    if args.estimate_out:
+        from ..infra.runs import atomic_write_json
+
+        atomic_write_json(Path(args.estimate_out), estimate.to_dict())
+        print(f"estimate written to {args.estimate_out}")
 
 
 def _is_local(model: str) -> bool:

@@ -96,6 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--probe", type=int, default=8,
                       help="with --dry-run: training questions run through the rollout to measure tokens and "
                            "speed (about 3 LM calls each; 0: count calls only, no model started)")
+    comp.add_argument("--estimate-out", default=None, metavar="FILE",
+                      help="with --dry-run: also write the estimate as JSON to FILE (benchmarks/estimate_check.py "
+                           "compares it with the compile afterwards)")
     comp.add_argument("--port", type=int, default=None, help="port of the local vLLM server (default: a free one)")
     comp.set_defaults(command_name="compile")
 

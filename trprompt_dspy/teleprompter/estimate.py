@@ -111,6 +111,12 @@ class CompileEstimate:
     probe: dict[str, Any]
     wall_s: float | None
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "CompileEstimate":
+        """The estimate :meth:`to_dict` wrote (e.g. ``trprompt compile --dry-run --estimate-out``)."""
+        return cls(stages=[StageCalls(**s) for s in data["stages"]], per_call=data["per_call"],
+                   probe=data["probe"], wall_s=data["totals"]["wall_s"])
+
     def role_totals(self) -> dict[str, dict[str, Any]]:
         """Per role: calls, prompt and completion tokens, dollars (None: unpriced or not probed)."""
         out: dict[str, dict[str, Any]] = {}
