@@ -24,8 +24,8 @@ Usage::
     .venv/bin/python benchmarks/evidence.py --name gsm8k-qwen0.5b --model qwen2.5-coder-0.5b \\
         --dataset gsm8k --methods zero-shot-cot,untrained-prompter,trprompt,qpo --seeds 0,1 --test 200
 
-Writes ``benchmarks/results/evidence-<name>.json``, ``.md`` and ``.png`` after every finished
-cell; run folders (adapters, records) stay under ``--runs-dir``, never in the results.
+Writes ``benchmarks/results/evidence-<name>.json``, ``.md``, ``.png`` and ``-budget.png`` (accuracy
+against the LM calls of the optimization, ``benchmarks/budgets.py``) after every finished cell; run folders (adapters, records) stay under ``--runs-dir``, never in the results.
 """
 
 from __future__ import annotations
@@ -47,17 +47,21 @@ os.environ.setdefault("TEXTGRAD_DISABLE_LOGGING", "1")
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from budgets import budget_markdown, plot_budget  # noqa: E402
 from scipy.stats import binomtest  # noqa: E402
 
 #: methods without training or sampling: one cell, whatever the seeds
 SEEDLESS = ("zero-shot", "zero-shot-cot", "untrained-prompter")
-TRAINED = ("trprompt", "trprompt-no-update", "trprompt-numeric", "qpo", "textgrad-instruction", "copro")
+TRAINED = ("trprompt", "trprompt-no-update", "trprompt-numeric", "qpo", "textgrad-instruction", "copro", "gepa",
+           "mipro", "mipro-demos")
 METHODS = SEEDLESS + TRAINED
 LABELS = {
     "zero-shot": "Zero-shot", "zero-shot-cot": "Zero-shot CoT", "untrained-prompter": "Untrained prompter",
     "trprompt": "TRPrompt", "trprompt-no-update": "TRPrompt, t* not updated",
     "trprompt-numeric": "TRPrompt, numeric reward", "qpo": "QPO (re-impl.)",
     "textgrad-instruction": "TextGrad task instruction", "copro": "DSPy COPRO task instruction",
+    "gepa": "DSPy GEPA task instruction", "mipro": "DSPy MIPROv2 task instruction (0 demos)",
+    "mipro-demos": "DSPy MIPROv2 instruction + up to 2 demos",
 }
 
 
@@ -186,6 +190,23 @@ def reward_use(program, run_dir: Path, questions: list, metric, rounds: int, num
     return out
 
 
+def optimization_usage(meter, compile_usage: dict[str, Any], seconds: float) -> dict[str, Any]:
+    """LM calls and tokens a method spent before its test, per role: this process's "train" stage
+    (the baselines' optimizers; a compile's stages run in their own meter) plus a compile's own
+    count of every stage it ran, in any sitting."""
+    keys = ("calls", "prompt_tokens", "completion_tokens")
+    roles: dict[str, dict[str, int]] = {}
+    counted = [(role, m) for role, models in meter.by_stage("train").items() for m in models.values()]
+    counted += list((compile_usage.get("roles") or {}).items())
+    for role, m in counted:
+        per_role = roles.setdefault(role, dict.fromkeys(keys, 0))
+        for k in keys:
+            per_role[k] += int(m.get(k, 0))
+    return {"calls": sum(r["calls"] for r in roles.values()),
+            "tokens": sum(r["prompt_tokens"] + r["completion_tokens"] for r in roles.values()),
+            "by_role": roles, "seconds": seconds}
+
+
 def summarize_rows(rows: list[dict[str, Any]]) -> dict[str, Any]:
     n, k = len(rows), sum(r["correct"] for r in rows)
     ci = binomtest(k, n).proportion_ci(method="wilson") if n else None
@@ -265,6 +286,7 @@ def write_markdown(results: dict[str, Any], path: Path) -> None:
             lines.append(f"| {k} | {u['t*']['accuracy']:.1%} | {u['negative critique']['accuracy']:.1%} "
                          f"({u['negative critique']['prompts_changed_vs_t*']}/{u['t*']['n']}) | "
                          f"{u['initial reward']['accuracy']:.1%} ({u['initial reward']['prompts_changed_vs_t*']}/{u['t*']['n']}) |")
+    lines += budget_markdown(results)
     if results["paired"]:
         lines += ["", "Paired exact McNemar tests (gained = right here and wrong in the other):", "",
                   "| cell | vs | test set | gained | lost | p |", "|---|---|---|---:|---:|---:|"]
@@ -308,10 +330,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         ZeroShot,
         ZeroShotCoT,
         copro_instruction,
+        gepa_instruction,
+        mipro_instruction,
+        mipro_trials,
         textgrad_instruction,
         untrained_prompter,
     )
     from trprompt_dspy.data import train_val_test
+    from trprompt_dspy.teleprompter.estimate import count_calls
     from trprompt_dspy.infra.usage import UsageMeter
     from trprompt_dspy.metrics import metric_for
     from trprompt_dspy.modules.roles import MODULE_ROLES
@@ -336,6 +362,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         write_markdown(results, out_dir / f"evidence-{args.name}.md")
         if results["cells"]:
             plot(results, out_dir / f"evidence-{args.name}.png")
+            plot_budget(results, out_dir / f"evidence-{args.name}-budget.png", LABELS)
 
     dspy.configure_cache(enable_disk_cache=False, enable_memory_cache=False)  # calls are counted per cell
     cells = [(m, None) for m in args.methods if m in SEEDLESS] + [
@@ -374,12 +401,35 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 elif method in ("textgrad-instruction", "copro"):
                     train, _ = seed_split(pool, args.train, seed)
                     config = compile_config(args, seed)
+                    proposer = as_lm(roles["optimizer"])
+                    meter.assign_role(proposer, "optimizer")
                     if method == "copro":
-                        program = copro_instruction(train, train_metric, prompt_lm=as_lm(roles["optimizer"]),
+                        program = copro_instruction(train, train_metric, prompt_lm=proposer,
                                                     solver=solver, breadth=3, depth=1, num_threads=args.num_threads)
                     else:
-                        program, _ = textgrad_instruction(train, train_metric, optimizer_lm=as_lm(roles["optimizer"]),
+                        program, _ = textgrad_instruction(train, train_metric, optimizer_lm=proposer,
                                                           solver=solver, config=config.search, run_dir=cell_dir / "run")
+                elif method in ("gepa", "mipro", "mipro-demos"):
+                    train, val = seed_split(pool, args.train, seed)
+                    # the budget: as many Solver runs as TRPrompt's compile of the same settings makes
+                    budget = sum(s.calls.get("target", 0) for s in count_calls(compile_config(args, seed),
+                                                                                 len(train), len(val)))
+                    cell["budget_target_calls"] = budget
+                    if method == "gepa":
+                        # GEPA's reflection plays TRPrompt's critic; sampled, as GEPA's own examples do
+                        reflection = (roles["critic"].lm(structured=True, temperature=1.0, **lm_kwargs)
+                                      if isinstance(roles["critic"], t.VLLMServer) else roles["critic"])
+                        meter.assign_role(reflection, "critic")
+                        program = gepa_instruction(train, val, train_metric, reflection_lm=reflection, solver=solver,
+                                                   max_metric_calls=budget, num_threads=args.num_threads, seed=seed)
+                    else:
+                        proposer = as_lm(roles["optimizer"])
+                        meter.assign_role(proposer, "optimizer")
+                        program = mipro_instruction(train, val, train_metric, prompt_lm=proposer, solver=solver,
+                                                    num_trials=mipro_trials(budget, len(val), args.minibatch),
+                                                    minibatch_size=args.minibatch, num_threads=args.num_threads,
+                                                    seed=seed, demos=2 if method == "mipro-demos" else 0)
+                    cell["instruction"] = program.solver.solve.signature.instructions
                 else:
                     train, val = seed_split(pool, args.train, seed)
                     config = compile_config(args, seed)
@@ -405,8 +455,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                 stages_without_usage=compile_usage.get("stages_without_usage", []))
                     done = len(report["rounds"])  # fewer than --rounds when a cap stopped the compile
                     if method != "trprompt-numeric" and method != "qpo" and args.reward_use and done:
-                        cell["reward_use"] = reward_use(program, cell_dir / "run", val, train_metric, done,
-                                                        args.num_threads)
+                        with meter.stage("diagnostic"):  # not part of the optimization's budget
+                            cell["reward_use"] = reward_use(program, cell_dir / "run", val, train_metric, done,
+                                                            args.num_threads)
             cell["train_s"] = round(time.perf_counter() - start, 1)
             cell["test"] = {}
             with dspy.context(lm=local), meter.stage("test"):
@@ -414,6 +465,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     rows = evaluate_in_chunks(program, questions, metric_for(d), rows_dir / key / f"{d}.jsonl", args)
                     cell["test"][d] = summarize_rows(rows)
                     print(f"   {d}: {cell['test'][d]['n_correct']}/{cell['test'][d]['n']}", flush=True)
+            cell["optimization"] = optimization_usage(meter, compile_usage, cell["train_s"])
             usage = meter.totals()
             cell["lm_calls"] = usage["calls"] + int(compile_usage.get("calls", 0))
             cell["tokens"] = sum(int(u.get(f, 0)) for u in (usage, compile_usage)

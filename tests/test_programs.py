@@ -65,3 +65,28 @@ def test_custom_judged_task_compiles_one_round(custom_task, clean_adapters, tmp_
     report = json.loads((log_dir / "report.json").read_text())
     assert [r["round"] for r in report["rounds"]] == [1] and report["rounds"][0]["validation"]["n"] == 4
     assert compiled.prompter.adapter["name"].startswith("prompter-r1-")
+
+
+def test_trprompt_against_gepa_on_the_same_questions(clean_adapters, shared_data_dir, tmp_path):
+    """``programs/trprompt_vs_gepa.py``: both optimizers on the same Solver and questions, GEPA at
+    TRPrompt's budget of Solver runs, the paired comparison computed from the same test answers."""
+    from trprompt_dspy.data import load_dataset
+    from trprompt_dspy.metrics import gsm8k_metric
+
+    spec = importlib.util.spec_from_file_location("trprompt_vs_gepa", PROGRAMS / "trprompt_vs_gepa.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    pool = load_dataset("gsm8k", "train", data_dir=shared_data_dir, limit=6)
+    test = load_dataset("gsm8k", "test", data_dir=shared_data_dir, limit=3)
+    with dspy.context(lm=clean_adapters.lm(structured=True, **TINY_LM_KWARGS)):
+        out = module.compare(clean_adapters, pool[:4], pool[4:], test, gsm8k_metric, log_dir=tmp_path / "cmp",
+                             config=tiny_config(rounds=1, validate_initial=False), lm_kwargs=dict(TINY_LM_KWARGS))
+    for name in ("trprompt", "gepa"):
+        r = out[name]
+        assert len(r["correct"]) == 3 and r["accuracy"] == sum(r["correct"]) / 3 and r["optimization_lm_calls"] > 0
+    assert out["trprompt"]["program"].prompter.adapter["name"].startswith("prompter-r1-")
+    assert out["gepa"]["budget_target_calls"] > 0 and isinstance(out["gepa"]["instruction"], str)
+    m = out["mcnemar"]
+    assert m["trprompt_only"] == sum(a and not b for a, b in zip(out["trprompt"]["correct"], out["gepa"]["correct"]))
+    assert m["gepa_only"] == sum(b and not a for a, b in zip(out["trprompt"]["correct"], out["gepa"]["correct"]))
+    assert 0.0 <= m["p"] <= 1.0

@@ -163,3 +163,21 @@ def test_rollout_through_the_vllm_server(vllm_server, shared_data_dir, tmp_path)
     # the file holds the same records (in the order they finished), as plain JSON
     key = lambda r: (r.example_id, r.extra["sample"])  # noqa: E731
     assert sorted(read_records(path), key=key) == result.records
+
+
+def test_qpo_returns_add_the_rounds_mean_accuracy_and_keep_a_repeated_prompt_once():
+    from trprompt_dspy.prompts.defaults import QPO_REWARD_TEMPLATE
+    from trprompt_dspy.rollout.records import RolloutRecord
+    from trprompt_dspy.rollout.rollout import QPO_MAX_RETURN, qpo_returns
+
+    records = [RolloutRecord(question="q1", prompt="p1", critique="c", correct=True),
+               RolloutRecord(question="q1", prompt="p1", critique="c", correct=True),  # the same sample again
+               RolloutRecord(question="q1", prompt="p2", critique="c", correct=False),
+               RolloutRecord(question="q2", prompt="p1", critique="c", correct=False, score=0.5)]
+    out = qpo_returns(records, QPO_REWARD_TEMPLATE)
+    # mean score of the round: (1 + 1 + 0 + 0.5) / 4 = 0.625, every record's 10 x that plus 10 x its own
+    assert [(r.question, r.prompt) for r in out] == [("q1", "p1"), ("q1", "p2"), ("q2", "p1")]
+    assert [r.critique for r in out] == [QPO_REWARD_TEMPLATE.format(score=s) for s in (16.25, 6.25, 11.25)]
+    assert records[0].critique == "c"  # the records read from disk are left as they were
+    assert QPO_REWARD_TEMPLATE.format(score=QPO_MAX_RETURN) == QPO_REWARD_TEMPLATE.format(score=10 * 1 + 10 * 1.0)
+    assert qpo_returns([]) == []

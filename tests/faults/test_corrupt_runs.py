@@ -101,4 +101,7 @@ def test_a_resume_over_a_damaged_adapter_trains_it_again_and_finishes(run_copy, 
     # the LM usage of the stages the earlier process ran is still counted, with this one's
     everything, here = report["usage_all_processes"], report["usage"]["totals"]
     assert everything["stages_without_usage"] == [] and everything["calls"] > here["calls"] > 0
+    # ... and per role (what the evidence benchmark's budget table reads)
+    assert {"prompter", "target", "critic"} <= set(everything["roles"])
+    assert sum(r["calls"] for r in everything["roles"].values()) == everything["calls"]
     assert report["rounds"][0]["usage"]["rollout"]  # round 1 ran in the earlier process

@@ -6,8 +6,11 @@
   differs from the original).
 - :func:`textgrad_instruction` and :func:`copro_instruction` -- task-level instruction
   optimization (one instruction for every question), with TextGrad and with DSPy's COPRO.
+- :func:`gepa_instruction` and :func:`mipro_instruction` -- the optimizers DSPy users run,
+  ``dspy.GEPA`` and ``dspy.MIPROv2``, on the same instruction.
 """
 
+from .dspy_optimizers import feedback_metric, gepa_instruction, mipro_calls, mipro_instruction, mipro_trials
 from .instruction import (
     FixedPrompter,
     TaskInstructionProgram,
@@ -25,6 +28,11 @@ __all__ = [
     "ZeroShot",
     "ZeroShotCoT",
     "copro_instruction",
+    "feedback_metric",
+    "gepa_instruction",
+    "mipro_calls",
+    "mipro_instruction",
+    "mipro_trials",
     "textgrad_instruction",
     "untrained_prompter",
 ]

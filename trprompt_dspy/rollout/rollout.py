@@ -106,8 +106,32 @@ class RolloutResult:
 
 
 def numeric_reward(score: float, template: str = NUMERIC_REWARD_TEMPLATE) -> str:
-    """The reward text of the numeric-reward ablation (or QPO's return) for a score in [0, 1]."""
+    """The reward text of the numeric-reward ablation (a score in [0, 1]) or of QPO's return."""
     return template.format(score=float(score))
+
+
+#: QPO's highest return (:func:`qpo_returns`): a right answer in a round whose answers were all right
+QPO_MAX_RETURN = 20.0
+
+
+def qpo_returns(records: Sequence[RolloutRecord], template: str = NUMERIC_REWARD_TEMPLATE) -> list[RolloutRecord]:
+    """ONE round's records relabelled with QPO's return (Kong et al. 2025, ``step1_train.py``):
+    ``10 x score + 10 x the mean score of the round's records`` -- the query-level correctness
+    plus the prompts' mean accuracy over the queries they were collected on (what QPO's
+    ``step3_collect.py`` stores as ``zero_shot_avg_acc`` for its generated prompts). QPO also
+    subtracts the target's negative log-probability of the gold answer; these records do not
+    hold it, so that term is left out. A (question, prompt) pair that repeats within the round
+    is kept once (QPO's ``step4_merge_dataset.py`` de-duplicates the new rows)."""
+    scores = [r.score if r.score is not None else float(bool(r.correct)) for r in records]
+    mean = sum(scores) / len(scores) if scores else 0.0
+    seen: set[tuple[str, str]] = set()
+    out = []
+    for record, score in zip(records, scores):
+        if (record.question, record.prompt) in seen:
+            continue
+        seen.add((record.question, record.prompt))
+        out.append(dataclasses.replace(record, critique=numeric_reward(10 * score + 10 * mean, template)))
+    return out
 
 
 def run_rollout(

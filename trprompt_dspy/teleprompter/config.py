@@ -39,6 +39,14 @@ class TRPromptConfig:
             most critiques are positive (the paper's open question 3).
         train_on_all_rounds: SFT on the records of every round so far (True), not only the
             current one; with ``finetune.init_from="base"`` this keeps what earlier rounds taught.
+        continue_training: each round's SFT continues the previous round's adapter (QPO's
+            multi-loop training) instead of a fresh adapter on the base model (False, STaR's
+            choice; see ``FinetuneConfig.init_from``). Round 1 starts from the base model.
+        numeric_return: with ``reward="numeric"``, the number a record is trained on:
+            ``"score"`` (the metric's score of that answer, the paper's numeric ablation) or
+            ``"qpo"`` (QPO's return: 10 x the answer's score + 10 x the mean score of the
+            round's rollouts, in [0, 20]; prompts are then collected and used at the highest
+            return, 20; repeated (question, prompt) records of a round are trained on once).
         rollout: :class:`RolloutConfig` (samples per question, temperature, threads).
         finetune: :class:`FinetuneConfig` (LoRA rank, steps, learning rate...).
         search: :class:`RewardSearchConfig` (steps, candidates, minibatch...).
@@ -97,6 +105,8 @@ class TRPromptConfig:
     reward: str = "textual"
     rebalance: str = "none"
     train_on_all_rounds: bool = True
+    continue_training: bool = False
+    numeric_return: str = "score"
     rollout: RolloutConfig = dataclasses.field(default_factory=RolloutConfig)
     finetune: FinetuneConfig = dataclasses.field(default_factory=FinetuneConfig)
     search: RewardSearchConfig = dataclasses.field(default_factory=RewardSearchConfig)
@@ -123,6 +133,7 @@ class TRPromptConfig:
         check_positive(self, ("max_cost_usd", "max_wall_s"), allow_none=True)
         check_choice("reward", self.reward, ("textual", "numeric"))
         check_choice("rebalance", self.rebalance, ("none", "balance"))
+        check_choice("numeric_return", self.numeric_return, ("score", "qpo"))
         check_choice("select_round", self.select_round, ("best", "last"))
         check_choice("answer_leaks", self.answer_leaks, ("drop", "keep"))
         if self.track is not None:

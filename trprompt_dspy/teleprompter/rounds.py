@@ -43,7 +43,7 @@ from ..modules.roles import QueryAwarePrompter, Solver, TextualCritic
 from ..metrics import answer_in_text
 from ..reward_search import RewardSearchConfig, search_reward
 from ..rollout.records import RolloutRecord, read_records
-from ..rollout.rollout import numeric_reward, records_path_for, run_rollout
+from ..rollout.rollout import QPO_MAX_RETURN, numeric_reward, qpo_returns, records_path_for, run_rollout
 from .config import STAGES, TRPromptConfig
 from .integrity import repair_run_folder
 from .report import write_report
@@ -142,17 +142,20 @@ class _RoundLoop:
         """LM calls and tokens of every done stage, whichever process ran it (stages done before
         stage results carried their usage count as 0; ``stages_without_usage`` lists them)."""
         totals = {"calls": 0, "prompt_tokens": 0, "completion_tokens": 0}
+        roles: dict[str, dict[str, int]] = {}
         missing = []
         for stage in self.folder.completed:
             usage = (self.folder.result(stage) or {}).get("usage")
             if usage is None:
                 missing.append(stage)
                 continue
-            for models in usage.values():
+            for role, models in usage.items():
+                per_role = roles.setdefault(role, dict.fromkeys(totals, 0))
                 for m in models.values():
                     for key in totals:
                         totals[key] += int(m.get(key, 0))
-        return {**totals, "stages_without_usage": missing}
+                        per_role[key] += int(m.get(key, 0))
+        return {**totals, "roles": roles, "stages_without_usage": missing}
 
     def _return_selected_round(self) -> None:
         """Leave the program holding the round :func:`select_round` picks (its t* and adapter)
@@ -305,7 +308,12 @@ class _RoundLoop:
 
     def _training_records(self, k: int) -> list[RolloutRecord]:
         rounds = range(1, k + 1) if self.config.train_on_all_rounds else [k]
-        records = [r for i in rounds for r in read_records(records_path_for(self.folder.round_dir(i)))]
+        qpo = self.config.reward == "numeric" and self.config.numeric_return == "qpo"
+        records = []
+        for i in rounds:
+            got = read_records(records_path_for(self.folder.round_dir(i)))
+            # QPO's return needs the round's mean score: known only once the round is rolled out
+            records += qpo_returns(got, self.config.rollout.reward_template) if qpo else got
         # a small prompter sometimes writes an empty prompt (or the critic an empty critique):
         # nothing to learn from, so such records are left out and counted, not fatal
         usable = [r for r in records if r.prompt.strip() and r.critique.strip()]
@@ -329,6 +337,9 @@ class _RoundLoop:
             raise CompileError(f"round {k}: no usable record to train on (every prompt or critique was empty, "
                                "or gave the answer away)")
         ft_config = self.config.finetune.replace(overwrite=True, progress=self.config.progress)
+        if self.config.continue_training and k > 1:
+            ft_config = ft_config.replace(init_from="previous",
+                                          previous_adapter=str(self.folder.round_dir(k - 1) / "adapter"))
         result = finetune_prompter(
             records, round_dir / "adapter", model=self.tele.server.model_path, config=ft_config,
             prompter=self.prompter, adapter=dspy.settings.adapter,
@@ -397,7 +408,8 @@ def initial_reward(config: TRPromptConfig) -> str:
     """The reward text of round 1's rollouts: ``config.initial_reward``, or with a numeric reward
     the full score."""
     if config.reward == "numeric":
-        return numeric_reward(1.0, config.rollout.reward_template)
+        best = QPO_MAX_RETURN if config.numeric_return == "qpo" else 1.0
+        return numeric_reward(best, config.rollout.reward_template)
     return config.initial_reward
 
 
