@@ -51,6 +51,7 @@ def main(argv: list[str] | None = None) -> dict:
     from trprompt_dspy.app.config_file import config_from_dict
     from trprompt_dspy.data import load_dataset
     from trprompt_dspy.metrics import metric_for
+    from trprompt_dspy.teleprompter.estimate import CompileEstimate, stage_seconds
 
     run = Path(args.run_dir)
     described = json.loads((run / "config.json").read_text())
@@ -63,8 +64,6 @@ def main(argv: list[str] | None = None) -> dict:
     train = load_dataset(args.dataset, "train", data_dir=args.data_dir, limit=n_train)
     val = train[:n_val]
     if args.estimate:
-        from trprompt_dspy.teleprompter.estimate import CompileEstimate
-
         estimate = CompileEstimate.from_dict(json.loads(Path(args.estimate).read_text()))
     else:
         with t.VLLMServer(t.ServerConfig(model=args.model, cpu_threads=args.cpu_threads)) as server:
@@ -77,17 +76,14 @@ def main(argv: list[str] | None = None) -> dict:
     rows = {f"round_{r['round']}/{stage}": (r.get("usage") or {}).get(stage) for r in report["rounds"] for stage in r.get("usage", {})}
     stages, est_s, act_s = [], 0.0, 0.0
     per_call = estimate.per_call
-    tokens_per_s = estimate.probe.get("completion_tokens_per_s")
     for st in estimate.stages:
         done = stage_results.get(st.stage)
         if done is None:
             continue  # not run (a compile stopped by a cap)
         usage = done.get("usage") or rows.get(st.stage)
         actual = None if usage is None else {role: sum(m["calls"] for m in models.values()) for role, models in usage.items()}
-        seconds = None
-        if tokens_per_s:
-            seconds = round(sum(n * per_call[r]["completion_tokens"] for r, n in st.calls.items() if r in per_call)
-                            / tokens_per_s, 1)
+        seconds = stage_seconds(st, per_call, estimate.probe)
+        if seconds is not None:
             est_s += seconds
             act_s += done.get("seconds", 0.0)
         stages.append({"stage": st.stage, "estimated": st.calls, "at_most": st.at_most, "actual": actual,
@@ -139,7 +135,11 @@ def markdown(r: dict) -> str:
     lines = [f"# Dry-run estimate against the compile it estimates: {r['name']}", "",
              f"Run folder `{r['run_dir']}`, model `{r['model']}`; probe: {r['probe']['questions']} training questions, "
              f"{r['probe'].get('concurrency')} at once, {r['probe'].get('seconds')} s, "
-             f"{r['probe'].get('completion_tokens_per_s')} completion tokens/s; estimate "
+             f"{r['probe'].get('completion_tokens_per_s')} completion tokens/s"
+             + (f" (with an untrained adapter served: {r['probe']['adapter']['questions']} questions, "
+                f"{r['probe']['adapter']['completion_tokens_per_s']} tokens/s, the rate of the stages after round 1's SFT)"
+                if r["probe"].get("adapter") else " (no adapter probe: every stage at that rate)")
+             + "; estimate "
              f"{r.get('estimate_source', 'probed after the compile')}. Command: "
              "`python benchmarks/estimate_check.py` (see its docstring). Only the stages the compile ran.", "",
              "| stage | estimated calls | actual calls | | estimated LM s | actual s |", "|---|---:|---:|---|---:|---:|"]

@@ -5,7 +5,7 @@ exactly, the t* search within its bound, tokens and LM time from a real probe.""
 import trprompt_dspy as t
 from helpers import tiny_config, tiny_teleprompter
 from trprompt_dspy.data import load_dataset
-from trprompt_dspy.teleprompter.estimate import count_calls
+from trprompt_dspy.teleprompter.estimate import count_calls, serves_adapter, stage_seconds
 
 
 def _actual_calls(report, stage):
@@ -38,6 +38,17 @@ def test_the_estimate_matches_a_real_compile(tiny_run, vllm_server, shared_data_
         assert estimate.per_call[role]["prompt_tokens"] > 0 and estimate.per_call[role]["cost_usd"] is None
     assert estimate.per_call["optimizer"]["at_most"] and estimate.totals()["cost_usd"] is None
     assert estimate.wall_s > 0
+    # the stages after round 1's SFT serve the prompter's adapter: a second probe timed them with an
+    # untrained adapter of the compile's LoRA shape, which is unloaded again
+    assert probe["adapter"]["questions"] == 2 and probe["adapter"]["completion_tokens_per_s"] > 0
+    assert not [name for name in vllm_server.adapters if name.startswith("estimate-probe-")]
+    by_stage = {s.stage: stage_seconds(s, estimate.per_call, probe) for s in estimate.stages}
+    assert estimate.wall_s == round(sum(by_stage.values()), 1)
+    rollout_tokens = {s.stage: sum(n * estimate.per_call[r]["completion_tokens"] for r, n in s.calls.items())
+                      for s in estimate.stages if s.stage.endswith("rollout")}
+    assert by_stage["round_1/rollout"] == round(rollout_tokens["round_1/rollout"] / probe["completion_tokens_per_s"], 1)
+    assert by_stage["round_2/rollout"] == round(
+        rollout_tokens["round_2/rollout"] / probe["adapter"]["completion_tokens_per_s"], 1)
     # the tokens of the rollout roles land near the compile's own (same model, same prompts)
     actual = report["usage"]["roles"]
     for role in ("prompter", "target", "critic"):
@@ -45,6 +56,11 @@ def test_the_estimate_matches_a_real_compile(tiny_run, vllm_server, shared_data_
         assert 0.5 * mean <= estimate.per_call[role]["prompt_tokens"] <= 2 * mean, (role, estimate.per_call[role], mean)
     table = estimate.table()
     assert "round_1/reward_search" in table and "at most" in table and "unpriced" in table
+
+
+def test_only_round_0_and_round_1s_rollout_run_on_the_base_model():
+    stages = [s.stage for s in count_calls(tiny_config(), n_train=4, n_val=2)]
+    assert [s for s in stages if not serves_adapter(s)] == ["round_0/validation", "round_1/rollout"]
 
 
 def test_a_numeric_reward_has_no_critic_and_no_search():

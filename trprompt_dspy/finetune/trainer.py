@@ -128,6 +128,23 @@ def _wrap_lora(model: Any, config: FinetuneConfig) -> Any:
     return get_peft_model(model, lora)
 
 
+def write_untrained_adapter(model_dir: str | os.PathLike, output_dir: str | os.PathLike,
+                            config: FinetuneConfig | None = None) -> Path:
+    """Save an untrained LoRA adapter of ``config``'s shape (rank, targets) for ``model_dir``.
+
+    peft initialises its B matrices to zero: served, the adapter changes nothing the model writes
+    but costs what a trained adapter of that shape costs (what the dry run's probe times). The
+    model is loaded in bfloat16 on the CPU to build it (only its shapes matter).
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    config = (config or FinetuneConfig()).replace(init_from="base", previous_adapter=None)
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.bfloat16)
+    _wrap_lora(model, config).save_pretrained(str(output_dir), safe_serialization=True)
+    return Path(output_dir)
+
+
 def train_lora(
     chat_data: Sequence[Mapping[str, Any]],
     output_dir: str | os.PathLike,

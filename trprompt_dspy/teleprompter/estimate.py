@@ -13,6 +13,13 @@ fallback call after an unparseable reply, a straggler re-sent by DSPy's executor
 rollout's own path (prompter with the initial reward, solver, critic) on the compile's LMs, as
 many at once as the rollout runs; each role's mean prompt and completion tokens per call are
 scaled to the counted calls, and the probe's completion tokens per second give the LM time.
+Every stage after round 1's SFT runs with the prompter's LoRA adapter served, which on a CPU
+server is several times slower for every request in a batch (the 0.5B model's rollout: 212 s in
+round 1, 731 s in round 2 with the same calls: ``benchmarks/results/estimate_check_*``). So a
+second, smaller probe runs the same path with an untrained adapter of the compile's LoRA shape
+loaded (:func:`~trprompt_dspy.finetune.trainer.write_untrained_adapter`; its zero B matrices
+change nothing the model writes and cost what a trained adapter costs), and those stages are
+timed at its throughput (:func:`stage_seconds`).
 The optimizer's calls (TextGrad feedback and proposals) are not probed: their completions count
 at their token caps and their prompts from the results-text budget (upper bounds). Dollars come
 from litellm's price map; a local model is "unpriced" (None), never $0. The time is LM time at
@@ -217,10 +224,25 @@ def optimizer_per_call(config: TRPromptConfig, optimizer_model: str | None) -> d
     return {"prompt_tokens": prompt, "completion_tokens": float(completion), "cost_usd": cost, "at_most": True}
 
 
-def lm_seconds(stages: list[StageCalls], per_call: dict[str, dict[str, Any]], tokens_per_s: float | None) -> float | None:
-    """LM time: every counted call's completion tokens at the probe's throughput."""
+def serves_adapter(stage: str) -> bool:
+    """Whether a stage runs with the prompter's adapter served: everything after round 1's SFT
+    (round 0's validation and round 1's rollout use the base model)."""
+    return stage not in ("round_1/rollout",) and not stage.startswith("round_0/")
+
+
+def stage_seconds(stage: StageCalls, per_call: dict[str, dict[str, Any]], probe: dict[str, Any]) -> float | None:
+    """LM time of one stage: its calls' completion tokens at the probe's throughput (the adapter
+    probe's for a stage that serves the adapter, where that probe ran); None without a probe."""
+    tokens_per_s = probe.get("completion_tokens_per_s")
+    if serves_adapter(stage.stage) and (probe.get("adapter") or {}).get("completion_tokens_per_s"):
+        tokens_per_s = probe["adapter"]["completion_tokens_per_s"]
     if not tokens_per_s:
         return None
-    completion = sum(n * per_call[role]["completion_tokens"] for s in stages for role, n in s.calls.items()
-                     if role in per_call)
+    completion = sum(n * per_call[role]["completion_tokens"] for role, n in stage.calls.items() if role in per_call)
     return round(completion / tokens_per_s, 1)
+
+
+def lm_seconds(stages: list[StageCalls], per_call: dict[str, dict[str, Any]], probe: dict[str, Any]) -> float | None:
+    """LM time of the compile: the sum of :func:`stage_seconds`."""
+    seconds = [stage_seconds(s, per_call, probe) for s in stages]
+    return None if any(x is None for x in seconds) else round(sum(seconds), 1)

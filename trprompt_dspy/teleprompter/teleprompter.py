@@ -27,7 +27,7 @@ from ..infra.tracking import make_tracker
 from ..infra.usage import UsageMeter
 from ..modules.roles import MODULE_ROLES, QueryAwarePrompter, Solver, TextualCritic
 from .config import TRPromptConfig
-from .estimate import CompileEstimate, count_calls, lm_seconds, optimizer_per_call, probe_rollout
+from .estimate import CompileEstimate, count_calls, lm_seconds, optimizer_per_call, probe_rollout, serves_adapter
 from .rounds import _RoundLoop, initial_reward
 
 
@@ -268,10 +268,34 @@ class TRPromptTeleprompter(Teleprompter):
                 per_call, summary = probe_rollout(
                     prompter, solver, critic, list(trainset)[:probe], self.metric, config=self.config,
                     reward=initial_reward(self.config))
+                if any(serves_adapter(s.stage) for s in stages):
+                    summary["adapter"] = self._probe_with_adapter(
+                        prompter, solver, critic, list(trainset)[:max(2, probe // 2)])
         if any("optimizer" in s.calls for s in stages):
             per_call["optimizer"] = optimizer_per_call(self.config, getattr(self.optimizer_lm, "model", None))
         return CompileEstimate(stages=stages, per_call=per_call, probe=summary,
-                               wall_s=lm_seconds(stages, per_call, summary.get("completion_tokens_per_s")))
+                               wall_s=lm_seconds(stages, per_call, summary) if probe else None)
+
+    def _probe_with_adapter(self, prompter: QueryAwarePrompter, solver: Solver, critic: TextualCritic | None,
+                            examples: list[dspy.Example]) -> dict[str, Any]:
+        """The probe again with an untrained adapter of the compile's LoRA shape served to the
+        prompter, as every stage after round 1's SFT runs (see ``teleprompter/estimate.py``)."""
+        import tempfile
+        import uuid
+
+        from ..finetune.trainer import write_untrained_adapter
+
+        name = f"estimate-probe-{uuid.uuid4().hex[:8]}"
+        with tempfile.TemporaryDirectory(prefix="trprompt-probe-") as folder:
+            path = write_untrained_adapter(self.server.model_path, Path(folder) / "adapter", self.config.finetune)
+            self.server.load_adapter(name, path)
+            try:
+                prompter.set_lm(self._server_lm(name))
+                _, summary = probe_rollout(prompter, solver, critic, examples, self.metric, config=self.config,
+                                           reward=initial_reward(self.config))
+            finally:
+                self.server.unload_adapter(name)
+        return summary
 
     def _role_models(self, target_lm: Any) -> dict[str, dict[str, Any]]:
         """Where each role ran, for the saved program's manifest: a local base model (named as
