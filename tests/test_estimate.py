@@ -40,7 +40,8 @@ def test_the_estimate_matches_a_real_compile(tiny_run, vllm_server, shared_data_
     assert estimate.wall_s > 0
     # the stages after round 1's SFT serve the prompter's adapter: a second probe timed them with an
     # untrained adapter of the compile's LoRA shape, which is unloaded again
-    assert probe["adapter"]["questions"] == 2 and probe["adapter"]["completion_tokens_per_s"] > 0
+    assert probe["adapter"]["questions"] == 4 == probe["adapter"]["concurrency"] == probe["concurrency"]
+    assert probe["adapter"]["completion_tokens_per_s"] > 0
     assert not [name for name in vllm_server.adapters if name.startswith("estimate-probe-")]
     by_stage = {s.stage: stage_seconds(s, estimate.per_call, probe) for s in estimate.stages}
     assert estimate.wall_s == round(sum(by_stage.values()), 1)

@@ -19,7 +19,11 @@ round 1, 731 s in round 2 with the same calls: ``benchmarks/results/estimate_che
 second, smaller probe runs the same path with an untrained adapter of the compile's LoRA shape
 loaded (:func:`~trprompt_dspy.finetune.trainer.write_untrained_adapter`; its zero B matrices
 change nothing the model writes and cost what a trained adapter costs), and those stages are
-timed at its throughput (:func:`stage_seconds`).
+timed at its throughput (:func:`stage_seconds`). It runs the same questions, as many at once
+as the first: a server's throughput grows with the requests in flight (the 0.5B model with an
+adapter: 21 tokens/s at 8 at once, 28 at 16). Known error: the t* search runs its own number of
+requests at once (``search.num_threads``, 32 by default) and its calls are an upper bound, so
+its time is over-estimated (the 0.5B compile: 1089 s per search estimated, 518 and 401 s taken).
 The optimizer's calls (TextGrad feedback and proposals) are not probed: their completions count
 at their token caps and their prompts from the results-text budget (upper bounds). Dollars come
 from litellm's price map; a local model is "unpriced" (None), never $0. The time is LM time at

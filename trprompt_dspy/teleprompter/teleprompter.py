@@ -269,8 +269,8 @@ class TRPromptTeleprompter(Teleprompter):
                     prompter, solver, critic, list(trainset)[:probe], self.metric, config=self.config,
                     reward=initial_reward(self.config))
                 if any(serves_adapter(s.stage) for s in stages):
-                    summary["adapter"] = self._probe_with_adapter(
-                        prompter, solver, critic, list(trainset)[:max(2, probe // 2)])
+                    # the same questions, as many at once: a server's throughput grows with concurrency
+                    summary["adapter"] = self._probe_with_adapter(prompter, solver, critic, list(trainset)[:probe])
         if any("optimizer" in s.calls for s in stages):
             per_call["optimizer"] = optimizer_per_call(self.config, getattr(self.optimizer_lm, "model", None))
         return CompileEstimate(stages=stages, per_call=per_call, probe=summary,
