@@ -178,3 +178,17 @@ def test_mipro_proposes_instructions_and_answers_every_question(clean_adapters, 
     assert chosen in proposals | {SolveWithPrompt.instructions}
     assert program.candidate_programs and all(0.0 <= c["score"] <= 100.0 for c in program.candidate_programs)
     _answers_every_question(program, gsm8k[5:8])
+
+
+def test_mipro_with_more_full_validations_than_candidates_still_returns(shared_data_dir):
+    # minibatches of 4 of 12 validation questions, 12 trials: 3 full validations of 2 asked-for
+    # candidates, where dspy 3.4 alone raises "No valid program found in param_score_dict"
+    questions = load_dataset("gsm8k", "train", data_dir=shared_data_dir, limit=16)
+    lm = ScriptedLM({ex.question: ex.answer for ex in questions})
+    solver = Solver(lm=lm)
+    with dspy.context(lm=lm, adapter=dspy.ChatAdapter()):
+        program = mipro_instruction(questions[:4], questions[4:], gsm8k_metric, prompt_lm=lm, solver=solver,
+                                    num_trials=12, num_candidates=2, minibatch_size=4, num_threads=1,
+                                    data_aware_proposer=False, program_aware_proposer=False, tip_aware_proposer=False)
+        assert KEYWORD in program.solver.solve.signature.instructions
+        assert _accuracy(program, questions[4:]) == 1.0

@@ -136,7 +136,8 @@ def mipro_instruction(
     Args:
         prompt_lm: the LM that proposes instructions (TRPrompt's optimizer role).
         num_trials: optuna trials (:func:`mipro_trials` turns a budget of Solver runs into trials).
-        num_candidates: instruction candidates proposed.
+        num_candidates: instruction candidates proposed (raised to one more than the full
+            validations the trials make: dspy 3.4 fails when every candidate was fully validated).
         demos: bootstrapped and labeled demos (0: instructions only).
         minibatch_size: validation questions per trial (the whole valset when it is smaller).
         **compile_kwargs: passed to ``MIPROv2.compile`` (``data_aware_proposer``...).
@@ -154,6 +155,13 @@ def mipro_instruction(
     if num_trials < 1:
         raise ValueError(f"num_trials must be >= 1, got {num_trials}")
     valset = list(valset)
+    minibatch = len(valset) > minibatch_size
+    # each full validation takes a candidate not fully validated yet; dspy 3.4 raises "No valid
+    # program found in param_score_dict" once none is left (seen on the 0.5B model: 4 candidates,
+    # 25 trials, 6 full validations), so there are at least as many candidates as full validations
+    if minibatch:
+        full_evals = num_trials // full_eval_steps + (1 if num_trials % full_eval_steps else 0)
+        num_candidates = max(num_candidates, full_evals + 1)
     # MIPROv2's proposer is a plain dspy.Predict: under DSPy's default ChatAdapter a local model
     # served in its own wire format rarely writes a reply that parses. Its adapter is configured
     # for the whole run when the Solver's LM speaks the same format (else the Solver keeps its own).
@@ -166,5 +174,5 @@ def mipro_instruction(
                         seed=seed, verbose=False, track_stats=True)
     with dspy.context(adapter=adapter) if adapter is not None else contextlib.nullcontext():
         return optimizer.compile(ZeroShot(solver), trainset=list(trainset), valset=valset, num_trials=num_trials,
-                                 minibatch=len(valset) > minibatch_size, minibatch_size=min(minibatch_size, len(valset)),
+                                 minibatch=minibatch, minibatch_size=min(minibatch_size, len(valset)),
                                  minibatch_full_eval_steps=full_eval_steps, **compile_kwargs)
