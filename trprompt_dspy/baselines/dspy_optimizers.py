@@ -27,6 +27,7 @@ from typing import Any, Callable, Sequence
 import dspy
 
 from ..infra.structured import adapter_for
+from ..metrics import _gold_answer, _predicted_answer
 from ..modules.roles import Solver
 from .simple import ZeroShot
 
@@ -40,8 +41,7 @@ def feedback_metric(metric: Callable[..., Any]) -> Callable[..., dspy.Prediction
 
     def gepa_metric(gold: Any, pred: Any, trace: Any = None, pred_name: Any = None, pred_trace: Any = None):
         score = float(metric(gold, pred))
-        given = getattr(pred, "answer", None) if pred is not None else None
-        reference = gold.get("answer") if hasattr(gold, "get") else getattr(gold, "answer", None)
+        given, reference = _predicted_answer(pred), _gold_answer(gold)
         if given is None or not str(given).strip():
             feedback = f"Incorrect: no answer could be read from the reply. The reference answer is {reference}."
         elif score >= 1.0:
@@ -97,14 +97,18 @@ def gepa_instruction(
     return optimizer.compile(ZeroShot(solver), trainset=list(trainset), valset=list(valset) if valset else None)
 
 
+def _full_evals(trials: int, full_eval_steps: int) -> int:
+    """Full validations MIPROv2 (dspy 3.4) makes with minibatches: every ``full_eval_steps`` trials and at the end."""
+    return trials // full_eval_steps + (1 if trials % full_eval_steps else 0)
+
+
 def mipro_calls(trials: int, n_val: int, minibatch_size: int, full_eval_steps: int = 5) -> int:
     """Solver runs of MIPROv2 (dspy 3.4) with ``trials`` trials: the default program on the whole
     valset, then per trial a minibatch, and a full validation every ``full_eval_steps`` trials and
     at the end (with ``minibatch_size >= n_val`` every trial is one full validation)."""
     if minibatch_size >= n_val:
         return n_val * (1 + trials)
-    full_evals = trials // full_eval_steps + (1 if trials % full_eval_steps else 0)
-    return n_val + trials * minibatch_size + full_evals * n_val
+    return n_val + trials * minibatch_size + _full_evals(trials, full_eval_steps) * n_val
 
 
 def mipro_trials(budget: int, n_val: int, minibatch_size: int, full_eval_steps: int = 5) -> int:
@@ -160,8 +164,7 @@ def mipro_instruction(
     # program found in param_score_dict" once none is left (seen on the 0.5B model: 4 candidates,
     # 25 trials, 6 full validations), so there are at least as many candidates as full validations
     if minibatch:
-        full_evals = num_trials // full_eval_steps + (1 if num_trials % full_eval_steps else 0)
-        num_candidates = max(num_candidates, full_evals + 1)
+        num_candidates = max(num_candidates, _full_evals(num_trials, full_eval_steps) + 1)
     # MIPROv2's proposer is a plain dspy.Predict: under DSPy's default ChatAdapter a local model
     # served in its own wire format rarely writes a reply that parses. Its adapter is configured
     # for the whole run when the Solver's LM speaks the same format (else the Solver keeps its own).

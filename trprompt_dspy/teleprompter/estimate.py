@@ -16,7 +16,7 @@ scaled to the counted calls, and the probe's completion tokens per second give t
 Every stage after round 1's SFT runs with the prompter's LoRA adapter served, which on a CPU
 server is several times slower for every request in a batch (the 0.5B model's rollout: 212 s in
 round 1, 731 s in round 2 with the same calls: ``benchmarks/results/estimate_check_*``). So a
-second, smaller probe runs the same path with an untrained adapter of the compile's LoRA shape
+second probe runs the same path with an untrained adapter of the compile's LoRA shape
 loaded (:func:`~trprompt_dspy.finetune.trainer.write_untrained_adapter`; its zero B matrices
 change nothing the model writes and cost what a trained adapter costs), and those stages are
 timed at its throughput (:func:`stage_seconds`). It runs the same questions, as many at once
@@ -231,7 +231,7 @@ def optimizer_per_call(config: TRPromptConfig, optimizer_model: str | None) -> d
 def serves_adapter(stage: str) -> bool:
     """Whether a stage runs with the prompter's adapter served: everything after round 1's SFT
     (round 0's validation and round 1's rollout use the base model)."""
-    return stage not in ("round_1/rollout",) and not stage.startswith("round_0/")
+    return stage != "round_1/rollout" and not stage.startswith("round_0/")
 
 
 def stage_seconds(stage: StageCalls, per_call: dict[str, dict[str, Any]], probe: dict[str, Any]) -> float | None:

@@ -274,7 +274,7 @@ class TRPromptTeleprompter(Teleprompter):
         if any("optimizer" in s.calls for s in stages):
             per_call["optimizer"] = optimizer_per_call(self.config, getattr(self.optimizer_lm, "model", None))
         return CompileEstimate(stages=stages, per_call=per_call, probe=summary,
-                               wall_s=lm_seconds(stages, per_call, summary) if probe else None)
+                               wall_s=lm_seconds(stages, per_call, summary))
 
     def _probe_with_adapter(self, prompter: QueryAwarePrompter, solver: Solver, critic: TextualCritic | None,
                             examples: list[dspy.Example]) -> dict[str, Any]:
